@@ -78,7 +78,7 @@ class TrainingJob:
                                  label_smoothing=cfg.optim.label_smoothing)
 
         # Data. ----------------------------------------------------------------------------
-        self.data_spec = self._data_spec()
+        self.data_spec = resolve_data_spec(cfg, env)
         self.train_loader = build_train_loader(
             self.data_spec, batch_size=self.per_rank_batch, rank=env.rank, world_size=env.world_size,
             num_workers=cfg.data.num_workers, transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size),
@@ -178,15 +178,10 @@ class TrainingJob:
         model = self.ema.module if self.ema is not None else self.backend.module
         return torch.compile(model) if self.cfg.train.compile else model
 
-    def _eval_loader(self, split: str, train_transform: bool = False):
-        return build_eval_loader(
-            self.data_spec, split, batch_size=self.cfg.data.eval_batch_size, rank=self.env.rank,
-            world_size=self.env.world_size, num_workers=self.cfg.data.num_workers,
-            transform=build_transforms(self.cfg.data.dataset, train_transform, self.cfg.data.img_size))
-
     def _logits(self, split: str, train_transform: bool = False):
         with self._autocast():
-            return collect_logits(self.eval_model(), self._eval_loader(split, train_transform), self.device)
+            loader = eval_loader(self.cfg, self.env, self.data_spec, split, train_transform)
+            return collect_logits(self.eval_model(), loader, self.device)
 
     def epoch_eval(self) -> None:
         """Held-out anytime accuracy at an epoch end; keeps the best-k checkpoints by the last exit."""
@@ -272,19 +267,6 @@ class TrainingJob:
                                    weight_decay=o.weight_decay)
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
-    def _data_spec(self) -> str:
-        if self.cfg.data.spec:
-            return self.cfg.data.spec
-        if self.cfg.data.dataset != "fashion-mnist":
-            raise ValueError(f"data.spec is empty: set it to the JSON sidecar written by tools/make_shards.py for "
-                             f"data.dataset={self.cfg.data.dataset!r} (only fashion-mnist is prepared automatically)")
-        if self.env.rank == 0:
-            prepare_fashion_mnist(self.cfg.data.root, holdout=self.cfg.data.holdout, seed=self.cfg.train.seed)
-        if self.env.world_size > 1:
-            torch.distributed.barrier()
-        return str(prepare_fashion_mnist(self.cfg.data.root, holdout=self.cfg.data.holdout,
-                                         seed=self.cfg.train.seed))
-
     def _autocast(self):
         if self.cfg.train.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -300,3 +282,25 @@ class TrainingJob:
 
     def close(self) -> None:
         self.logger.close()
+
+
+def resolve_data_spec(cfg: Config, env: DistEnv) -> str:
+    """The data set's JSON sidecar; the embedded Fashion-MNIST is prepared on first use (by rank 0)."""
+    if cfg.data.spec:
+        return cfg.data.spec
+    if cfg.data.dataset != "fashion-mnist":
+        raise ValueError(f"data.spec is empty: set it to the JSON sidecar written by tools/make_shards.py for "
+                         f"data.dataset={cfg.data.dataset!r} (only fashion-mnist is prepared automatically)")
+    if env.rank == 0:
+        prepare_fashion_mnist(cfg.data.root, holdout=cfg.data.holdout, seed=cfg.train.seed)
+    if env.world_size > 1:
+        torch.distributed.barrier()
+    return str(prepare_fashion_mnist(cfg.data.root, holdout=cfg.data.holdout, seed=cfg.train.seed))
+
+
+def eval_loader(cfg: Config, env: DistEnv, spec: str, split: str, train_transform: bool = False):
+    """Exact-mode loader over one split (every sample once across ranks), eval transforms by default."""
+    return build_eval_loader(
+        spec, split, batch_size=cfg.data.eval_batch_size, rank=env.rank, world_size=env.world_size,
+        num_workers=cfg.data.num_workers, transform=build_transforms(cfg.data.dataset, train_transform,
+                                                                     cfg.data.img_size))
