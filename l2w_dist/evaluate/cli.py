@@ -15,7 +15,8 @@ from pathlib import Path
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="l2w-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by l2w-train (e.g. RUN/checkpoints/last.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint written by l2w-train (e.g. RUN/checkpoints/last.pt)")
     parser.add_argument("--output", default=None, help="folder for eval.json and curve.png (default: the run folder)")
     parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                         help="which weights to evaluate (auto: the EMA when the run kept one)")
