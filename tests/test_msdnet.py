@@ -217,3 +217,19 @@ def test_functional_call_and_jvp_in_train_mode():
     forward = sum((c * t).sum() for c, t in zip(cotangent, touts))
     reverse = sum((grads[k] * tangent[k]).sum() for k in params)
     torch.testing.assert_close(forward, reverse, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("path,name,step", [
+    ("configs/cifar100/msdnet.yaml", "msdnet_cifar", None),
+    ("configs/imagenet/msdnet_step4.yaml", "msdnet_imagenet", 4),
+    ("configs/imagenet/msdnet_step6.yaml", "msdnet_imagenet", 6),
+    ("configs/imagenet/msdnet_step7.yaml", "msdnet_imagenet", 7),
+])
+def test_config_model_sections(path, name, step):
+    import yaml
+
+    section = yaml.safe_load((Path(__file__).parents[1] / path).read_text())["model"]
+    assert section["name"] == name
+    model = create_model(section["name"], **section.get("options", {}))
+    assert model.options["step"] == (step or 1)
+    assert [round(f / 1e6, 1) for f in model.exit_flops] == REFERENCE_MFLOPS[(name, step)]
