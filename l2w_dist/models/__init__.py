@@ -7,4 +7,7 @@ multiply-adds per exit for one image). Importing this package registers the buil
 from .base import MultiExitModel, count_exit_flops
 from .registry import create_model, list_models, register_model
 
+# Importing a model module registers its builders.
+from . import ranet  # noqa: E402,F401
+
 __all__ = ["MultiExitModel", "count_exit_flops", "create_model", "list_models", "register_model"]
