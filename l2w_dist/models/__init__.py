@@ -4,10 +4,8 @@ Every model returns a list of K logit tensors and has ``exit_flops`` (cumulative
 multiply-adds per exit for one image). Importing this package registers the builders.
 """
 
+from . import cnn_exits, ranet, vit_exits  # noqa: F401  (register cnn_exits, ranet_*, vit_exits)
 from .base import MultiExitModel, count_exit_flops
 from .registry import create_model, list_models, register_model
-
-# Importing a model module registers its builders.
-from . import ranet  # noqa: E402,F401
 
 __all__ = ["MultiExitModel", "count_exit_flops", "create_model", "list_models", "register_model"]

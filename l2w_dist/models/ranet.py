@@ -25,10 +25,13 @@ Presets (the released run scripts):
   grFactor/bnFactor 4-2-2-1) is ``create_model("ranet_imagenet", n_channels=32,
   gr_factor=(4, 2, 2, 1), bn_factor=(4, 2, 2, 1))``.
 
-FLOPs: ``exit_flops`` counts convolution and linear multiply-adds (``count_exit_flops``).
-The released counter (``op_counter.py``) also adds one op per ReLU output element, the
-pooling windows and the linear bias; ``exit_flops_official`` reproduces that rule so the
-two can be compared (see docs/models_zoo.md for both sets of figures).
+FLOPs: the released counter (``op_counter.py``) counts convolution and linear
+multiply-adds plus one op per ReLU output element, per pooling-window element and per
+linear bias. ``exit_flops_official`` applies that rule; it reproduces the released
+counter run on the released model exactly (docs/models_zoo.md). RANet declares
+``flop_convention = "op_counter"`` so that ``exit_flops`` follows the same rule as MSDNet's
+where ``count_exit_flops`` supports conventions; with plain multiply-adds the figures are
+0.15-0.75 % lower.
 """
 
 from __future__ import annotations
@@ -183,9 +186,11 @@ class RANet(MultiExitModel):
     Argument names follow the released ``args.py`` (snake_case). ``gr_factor``, ``bn_factor``
     and ``scale_list`` are given from the lowest resolution to the highest; ``scale_list``
     holds each flow's resolution level (1 = lowest; equal neighbours share a resolution).
-    Flow i has ``n_blocks + i*block_step`` blocks; its last ``n_blocks``... blocks that have
-    no counterpart in flow i-1 are plain blocks with an exit each.
+    Flow i has ``n_blocks + i*block_step`` blocks; its first blocks (as many as flow i-1
+    has) fuse flow i-1's features, the remaining ones are plain blocks with an exit each.
     """
+
+    flop_convention = "op_counter"  # the released counter's rule, as for MSDNet
 
     def __init__(
         self,
@@ -217,7 +222,9 @@ class RANet(MultiExitModel):
         if list(scale_list) != sorted(scale_list) or scale_list[0] != 1:
             raise ValueError(f"scale_list must start at 1 and not decrease, got {list(scale_list)}")
         if n_blocks < 1 or block_step < 0 or step < 1:
-            raise ValueError(f"need n_blocks >= 1, block_step >= 0, step >= 1; got {n_blocks}, {block_step}, {step}")
+            raise ValueError(
+                f"need n_blocks >= 1, block_step >= 0, step >= 1; got {n_blocks}, {block_step}, {step}"
+            )
         self.num_classes = num_classes
         self.input_size = tuple(input_size)
         scale_list = list(scale_list)
@@ -371,10 +378,16 @@ def count_exit_ops_official(model: MultiExitModel, input_size: tuple[int, ...]) 
     return totals
 
 
-def _check_tuple(name: str, value: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(value, str):
-        value = [int(v) for v in value.split("-")]
-    return tuple(int(v) for v in value)
+def _check_tuple(name: str, value: Sequence[int] | str) -> tuple[int, ...]:
+    """Accept ``(4, 2, 1)`` or the released dash form ``"4-2-1"``; positive integers only."""
+    try:
+        items = value.split("-") if isinstance(value, str) else list(value)
+        out = tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or any(v < 1 for v in out):
+        raise ValueError(f"{name} must be positive integers like (4, 2, 1) or '4-2-1', got {value!r}")
+    return out
 
 
 @register_model
