@@ -136,7 +136,8 @@ def cnn_exits(
     except TypeError as err:
         raise ValueError(
             f"bad option(s) {sorted(timm_kwargs)} for cnn_exits(backbone={backbone!r}): {err}. "
-            f"cnn_exits options: backbone, exit_stages, num_classes, pretrained, img_size; any other keyword goes to timm.create_model"
+            f"cnn_exits options: backbone, exit_stages, num_classes, pretrained, img_size; "
+            "any other keyword goes to timm.create_model"
         ) from err
     reductions = probe.feature_info.reduction()
     n_levels = len(reductions)

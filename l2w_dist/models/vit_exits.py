@@ -148,6 +148,7 @@ def vit_exits(
     except TypeError as err:
         raise ValueError(
             f"bad option(s) {sorted(kwargs)} for vit_exits(backbone={backbone!r}): {err}. "
-            f"vit_exits options: backbone, exit_blocks, num_classes, img_size, fused_attn, pretrained; any other keyword goes to timm.create_model"
+            f"vit_exits options: backbone, exit_blocks, num_classes, img_size, fused_attn, pretrained; "
+            "any other keyword goes to timm.create_model"
         ) from err
     return ViTExits(model, exit_blocks, num_classes, fused_attn=fused_attn)
