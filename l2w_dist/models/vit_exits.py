@@ -14,6 +14,7 @@ evaluation, ``set_fused_attn(False)`` before a meta step.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,9 +28,9 @@ DEFAULT_NUM_EXITS = 4
 
 
 def default_exit_blocks(depth: int, num_exits: int = DEFAULT_NUM_EXITS) -> list[int]:
-    """Evenly spaced 1-based block indices ending at the last block (12 blocks -> 3, 6, 9, 12)."""
+    """Evenly spaced 1-based block indices ending at the last block (12 -> 3, 6, 9, 12; 6 -> 2, 3, 5, 6)."""
     n = min(num_exits, depth)
-    return sorted({round(depth * k / n) for k in range(1, n + 1)})
+    return sorted({math.ceil(depth * k / n) for k in range(1, n + 1)})
 
 
 class ViTExits(MultiExitModel):
