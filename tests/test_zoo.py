@@ -26,7 +26,9 @@ RANET_REFERENCE = {
     ],
 }
 
-TINY_VIT = dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3)
+TINY_VIT = dict(
+    backbone="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3
+)
 
 
 def _flops(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -86,7 +88,9 @@ def test_ranet_jvp_in_train_mode():
 
 
 def test_ranet_options():
-    lg = create_model("ranet_cifar", step=2, step_mode="lg", scale_list="1-2-3", gr_factor="4-2-1", bn_factor="4-2-1")
+    lg = create_model(
+        "ranet_cifar", step=2, step_mode="lg", scale_list="1-2-3", gr_factor="4-2-1", bn_factor="4-2-1"
+    )
     assert lg.num_exits == 6
     assert len(lg(torch.randn(2, 3, 32, 32))) == 6
     with pytest.raises(ValueError, match="even"):
