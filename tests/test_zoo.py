@@ -222,3 +222,26 @@ def test_cnn_exits_jvp_in_train_mode():
     torch.manual_seed(0)
     model = create_model("cnn_exits", backbone="resnet18", num_classes=3, img_size=32).double()
     _jvp_matches_reverse_mode(model, torch.randn(4, 3, 32, 32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_vit_exits_every_parameter_feeds_an_exit(backbone):
+    options = {**TINY_VIT, "backbone": backbone}
+    model = create_model("vit_exits", num_classes=4, exit_blocks=[1, 3], **options).train()
+    assert len(model.backbone.blocks) == 3  # blocks after the last exit are dropped
+    sum(o.sum() for o in model(torch.randn(2, 3, 32, 32))).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_cnn_exits_deepcopy_keeps_its_own_heads():
+    """Exit heads run from forward hooks; a deep copy (EMA, checkpoints) must call its own."""
+    model = create_model("cnn_exits", backbone="resnet18", num_classes=3, img_size=32).eval()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.exit_heads.parameters():
+            p.add_(1.0)
+        x = torch.randn(2, 3, 32, 32)
+        original, copied = model(x), clone(x)
+    assert all(not torch.allclose(a, b) for a, b in zip(original, copied))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(original, model(x)))
