@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -135,6 +136,7 @@ def test_budgeted_equals_literal_loop(num_exits, kind):
 
     details = budgeted_details(h_logits, h_labels, t_logits, t_labels, flops, ps)
     reference = literal_budgeted(h_logits, h_labels, t_logits, t_labels, flops, ps)
+    h_max, h_arg = literal_softmax_max(h_logits)
     assert len(details.points) == len(reference) == 39
     for i, (got, want) in enumerate(zip(details.points, reference)):
         thr = details.thresholds[i].tolist()
@@ -142,6 +144,8 @@ def test_budgeted_equals_literal_loop(num_exits, kind):
         assert thr == want_thr, f"p={want['p']}"
         assert details.test_exit_counts[i].tolist() == want["exp"], f"p={want['p']}"
         assert got == {"p": want["p"], "flops": want["flops"], "top1": want["top1"]}, f"p={want['p']}"
+        _, h_exp, _ = literal_with_threshold(h_max, h_arg, h_labels, flops, want["T"])
+        assert details.holdout_exit_counts[i].tolist() == h_exp, f"p={want['p']}"
     if kind != "continuous":  # the test really exercised ties at a threshold somewhere
         wanted = torch.tensor([target_counts(p, num_exits, h_logits.shape[1]) for p in ps])
         assert (details.holdout_exit_counts[:, :-1] > wanted[:, :-1]).any()
@@ -289,22 +293,31 @@ def test_plot_curves_writes_png(tmp_path):
         plot_curves({"L2W": rec}, tmp_path / "x.png", reference="no_such_reference")
 
 
-def test_plot_curves_cli(tmp_path):
+def _load_tool(name):
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_curves_cli(tmp_path, capsys):
+    tool = _load_tool("plot_curves")
     run = tmp_path / "run"
     write_eval_json(run / "eval.json", [{"exit": 1, "flops": 1e6, "top1": 60.0, "top5": 80.0}],
                     [{"p": 0.05, "flops": 1e6, "top1": 60.0}])
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"paper": [[1e6, 61.0], [2e6, 65.0]]}))
     out = tmp_path / "both.png"
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [sys.executable, str(root / "tools" / "plot_curves.py"), str(run), str(run / "eval.json"),
-           "--labels", "L2W", "baseline", "--reference", str(ref), "--out", str(out)]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=60)
+    args = [str(run), str(run / "eval.json"), "--labels", "L2W", "baseline", "--reference", str(ref)]
+    assert tool.main(args + ["--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
-    bad = subprocess.run(cmd[:3] + ["--labels", "a", "b", "--out", str(out)], env=env, capture_output=True,
-                         text=True, timeout=60)
-    assert bad.returncode != 0 and "2 labels for 1 run" in bad.stderr
+    assert tool.main([str(run), "--reference", "paper_msdnet_imagenet_step4", "--out", str(out)]) == 0
+    with pytest.raises(SystemExit):
+        tool.main([str(run), "--labels", "a", "b", "--out", str(out)])
+    assert "2 labels for 1 run" in capsys.readouterr().err
+    assert tool.main([str(run), "--reference", "nope", "--out", str(out)]) == 2
+    assert "neither a built-in set" in capsys.readouterr().err
 
 
 _DIST_WORKER = textwrap.dedent(

@@ -113,40 +113,64 @@ def target_counts(p: float, num_exits: int, n: int) -> list[int]:
     return [int(torch.floor(n * q[k]).item()) for k in range(num_exits)]
 
 
-def find_thresholds(conf: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def find_thresholds(
+    conf: torch.Tensor, counts: torch.Tensor, return_exit_counts: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Thresholds ``[P, K]`` from held-out confidences ``conf [K, n]`` and target counts ``[P, K]``.
 
     For every operating point at once: at exit k, sort the confidences once, walk them in
     descending order counting only the samples still present (a cumulative sum of the
     "not yet left" mask), and take the confidence where that count first reaches
     ``counts[:, k]``. Then every sample with ``conf_k >= T_k`` leaves. The last column of
-    ``counts`` is ignored: T_K = -inf.
+    ``counts`` is ignored: T_K = -inf. With ``return_exit_counts`` also returns how many
+    held-out samples leave at each exit ``[P, K]`` (more than asked where ties sit at T_k).
+
+    The "gone" mask is kept sample-major (``[n, P]``) so that reordering it by the sort
+    is a row gather; the cumulative count runs over a transposed int32 copy.
     """
     num_exits, n = conf.shape
     num_points = counts.shape[0]
     counts = counts.to(torch.long)
     thresholds = torch.full((num_points, num_exits), float("inf"), dtype=conf.dtype)
     thresholds[:, num_exits - 1] = float("-inf")
-    gone = torch.zeros(num_points, n, dtype=torch.bool)
+    exit_counts = torch.zeros(num_points, num_exits, dtype=torch.long)
+    gone = torch.zeros(n, num_points, dtype=torch.bool)  # sample-major
+    values, orders = conf[: num_exits - 1].sort(dim=1, descending=True)
     for k in range(num_exits - 1):
-        values, order = conf[k].sort(descending=True)
-        present = ~gone[:, order]  # [P, n], in descending confidence order
-        seen = present.cumsum(dim=1)  # how many present samples up to here
+        present = gone.index_select(0, orders[k]).logical_not_().T.contiguous()  # [P, n], sorted order
+        seen = present.cumsum(dim=1, dtype=torch.int32)  # present samples up to here
         want = counts[:, k]
-        valid = (want >= 1) & (seen[:, -1] >= want)
         # seen only grows at present samples, so the first position with seen >= want is
         # the want-th present sample in descending order.
-        pos = (seen >= want[:, None]).to(torch.uint8).argmax(dim=1)
-        thresholds[valid, k] = values[pos[valid]]
-        gone |= conf[k][None, :] >= thresholds[:, k : k + 1]
-    return thresholds
+        pos = torch.searchsorted(seen, want[:, None].to(torch.int32)).squeeze(1)
+        valid = (want >= 1) & (seen[:, -1] >= want)
+        thresholds[valid, k] = values[k][pos[valid]]
+        leaving = conf[k][:, None] >= thresholds[None, :, k]  # [n, P]
+        # how many present samples leave: those sorted before the last value >= T_k
+        above = torch.searchsorted(-values[k], -thresholds[:, k].contiguous(), right=True)  # [P]
+        exit_counts[:, k] = torch.where(
+            above > 0, seen.gather(1, (above - 1).clamp(min=0)[:, None]).squeeze(1).long(), 0
+        )
+        gone |= leaving
+    exit_counts[:, num_exits - 1] = n - exit_counts[:, : num_exits - 1].sum(dim=1)
+    return (thresholds, exit_counts) if return_exit_counts else thresholds
 
 
 def exit_assignment(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Exit index (0-based) ``[P, n]`` of every sample: the first k with ``conf_k >= T_k``."""
-    leaves = conf[None, :, :] >= thresholds[:, :, None]  # [P, K, n]
-    leaves[:, -1, :] = True  # the last exit takes everyone (also guards a NaN-free -inf)
-    return leaves.to(torch.uint8).argmax(dim=1)  # argmax returns the first maximal index
+    """Exit index (0-based, int64) ``[P, n]`` of every sample: the first k with ``conf_k >= T_k``.
+
+    The first accepting exit is ``K-1 - max_k(accept_k · (K-1-k))`` (the last exit accepts
+    everyone); computed with K-1 elementwise uint8 passes over ``[P, n]``, which is far
+    faster than an argmax over a ``[P, K, n]`` mask or masked writes.
+    """
+    num_exits, n = conf.shape
+    if num_exits > 255:
+        raise ValueError(f"at most 255 exits are supported; got {num_exits}")
+    best = torch.zeros(thresholds.shape[0], n, dtype=torch.uint8)
+    for k in range(num_exits - 1):
+        accept = (conf[k][None, :] >= thresholds[:, k : k + 1]).to(torch.uint8)
+        torch.maximum(best, accept.mul_(num_exits - 1 - k), out=best)
+    return (num_exits - 1) - best.long()
 
 
 @dataclass
@@ -163,8 +187,10 @@ class BudgetedDetails:
 
 
 def _count_exits(exits: torch.Tensor, num_exits: int) -> torch.Tensor:
-    counts = torch.zeros(exits.shape[0], num_exits, dtype=torch.long)
-    return counts.scatter_add_(1, exits.long(), torch.ones_like(exits, dtype=torch.long))
+    """``[P, n]`` exit indices -> ``[P, K]`` counts, with one bincount over offset indices."""
+    num_points = exits.shape[0]
+    offset = exits + num_exits * torch.arange(num_points)[:, None]
+    return torch.bincount(offset.view(-1), minlength=num_points * num_exits).view(num_points, num_exits)
 
 
 def budgeted_details(
@@ -184,22 +210,40 @@ def budgeted_details(
             f"held-out logits {tuple(holdout_logits.shape)} and test logits {tuple(test_logits.shape)} "
             "disagree on the number of exits or classes"
         )
-    flops = _check_flops(exit_flops, num_exits)
+    _check_flops(exit_flops, num_exits)
     ps = [float(p) for p in (DEFAULT_PS if ps is None else ps)]
     if not ps:
         raise ValueError("ps is empty; give at least one operating point (default: 1/20 ... 39/20)")
 
     conf_h, _ = confidence_and_prediction(holdout_logits.cpu())
     conf_t, pred_t = confidence_and_prediction(test_logits.cpu())
-    n_h, n_t = conf_h.shape[1], conf_t.shape[1]
+    return budgeted_from_confidence(conf_h, conf_t, pred_t, test_labels.cpu(), exit_flops, ps)
+
+
+def budgeted_from_confidence(
+    holdout_conf: torch.Tensor,
+    test_conf: torch.Tensor,
+    test_pred: torch.Tensor,
+    test_labels: torch.Tensor,
+    exit_flops: Sequence[float],
+    ps: Sequence[float],
+) -> BudgetedDetails:
+    """The budgeted evaluation after the softmax: confidences and predictions ``[K, n]``.
+
+    Split from :func:`budgeted_details` so that the per-operating-point work can be timed
+    (and reused, e.g. for many ``ps``) without recomputing the softmax of the logits.
+    """
+    num_exits, n_h = holdout_conf.shape
+    n_t = test_conf.shape[1]
+    flops = _check_flops(exit_flops, num_exits)
+    ps = [float(p) for p in ps]
     counts = torch.tensor([target_counts(p, num_exits, n_h) for p in ps], dtype=torch.long)
 
-    thresholds = find_thresholds(conf_h, counts)
-    holdout_exits = exit_assignment(conf_h, thresholds)
-    test_exits = exit_assignment(conf_t, thresholds)
+    thresholds, holdout_exit_counts = find_thresholds(holdout_conf, counts, return_exit_counts=True)
+    test_exits = exit_assignment(test_conf, thresholds)
 
-    correct = pred_t == test_labels.cpu().long()[None, :]  # [K, n_t]
-    correct_at_exit = correct[test_exits.long(), torch.arange(n_t)[None, :]]  # [P, n_t]
+    correct = test_pred == test_labels.long()[None, :]  # [K, n_t]
+    correct_at_exit = torch.gather(correct, 0, test_exits)  # [P, n_t]: correct[exit, i]
     test_correct = correct_at_exit.sum(dim=1)
     test_exit_counts = _count_exits(test_exits, num_exits)
 
@@ -212,7 +256,7 @@ def budgeted_details(
     return BudgetedDetails(
         ps=ps,
         thresholds=thresholds,
-        holdout_exit_counts=_count_exits(holdout_exits, num_exits),
+        holdout_exit_counts=holdout_exit_counts,
         test_exit_counts=test_exit_counts,
         test_correct=test_correct,
         num_test=n_t,
