@@ -218,8 +218,16 @@ def test_bad_inputs_are_named():
         budgeted(logits, labels, logits, labels, [1.0, 2.0, 3.0], ps=[0.0])
     bad = logits.clone()
     bad[0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="held-out logits contain NaN"):
         budgeted(bad, labels, logits, labels, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="exit 1 contain NaN"):
+        anytime(bad, labels, [1.0, 2.0, 3.0])
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="test logits contain NaN or inf"):
+        budgeted(logits, labels, bad, labels, [1.0, 2.0, 3.0])
+    masked = logits.clone()
+    masked[:, :, 0] = float("-inf")  # masked classes are fine
+    assert len(budgeted(masked, labels, masked, labels, [1.0, 2.0, 3.0])) == 39
     with pytest.raises(ValueError, match="disagree"):
         budgeted(logits, labels, logits[:2], labels, [1.0, 2.0, 3.0])
 
