@@ -110,7 +110,7 @@ def target_proportions(p: float, num_exits: int) -> torch.Tensor:
 def target_counts(p: float, num_exits: int, n: int) -> list[int]:
     """``floor(n·q_k)`` per exit (the float32 product, as in the released code)."""
     q = target_proportions(p, num_exits)
-    return [int(torch.floor(n * q[k]).item()) for k in range(num_exits)]
+    return torch.floor(n * q).long().tolist()  # n * q[k] is one exactly rounded float32 product
 
 
 def find_thresholds(
@@ -130,11 +130,12 @@ def find_thresholds(
     """
     num_exits, n = conf.shape
     num_points = counts.shape[0]
-    counts = counts.to(torch.long)
-    thresholds = torch.full((num_points, num_exits), float("inf"), dtype=conf.dtype)
+    dev = conf.device
+    counts = counts.to(device=dev, dtype=torch.long)
+    thresholds = torch.full((num_points, num_exits), float("inf"), dtype=conf.dtype, device=dev)
     thresholds[:, num_exits - 1] = float("-inf")
-    exit_counts = torch.zeros(num_points, num_exits, dtype=torch.long)
-    gone = torch.zeros(n, num_points, dtype=torch.bool)  # sample-major
+    exit_counts = torch.zeros(num_points, num_exits, dtype=torch.long, device=dev)
+    gone = torch.zeros(n, num_points, dtype=torch.bool, device=dev)  # sample-major
     values, orders = conf[: num_exits - 1].sort(dim=1, descending=True)
     for k in range(num_exits - 1):
         present = gone.index_select(0, orders[k]).logical_not_().T.contiguous()  # [P, n], sorted order
@@ -144,7 +145,7 @@ def find_thresholds(
         # the want-th present sample in descending order.
         pos = torch.searchsorted(seen, want[:, None].to(torch.int32)).squeeze(1)
         valid = (want >= 1) & (seen[:, -1] >= want)
-        thresholds[valid, k] = values[k][pos[valid]]
+        thresholds[:, k] = torch.where(valid, values[k][pos.clamp(max=n - 1)], thresholds[:, k])
         leaving = conf[k][:, None] >= thresholds[None, :, k]  # [n, P]
         # how many present samples leave: those sorted before the last value >= T_k
         above = torch.searchsorted(-values[k], -thresholds[:, k].contiguous(), right=True)  # [P]
@@ -166,11 +167,37 @@ def exit_assignment(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tenso
     num_exits, n = conf.shape
     if num_exits > 255:
         raise ValueError(f"at most 255 exits are supported; got {num_exits}")
-    best = torch.zeros(thresholds.shape[0], n, dtype=torch.uint8)
+    best = torch.zeros(thresholds.shape[0], n, dtype=torch.uint8, device=conf.device)
     for k in range(num_exits - 1):
         accept = (conf[k][None, :] >= thresholds[:, k : k + 1]).to(torch.uint8)
         torch.maximum(best, accept.mul_(num_exits - 1 - k), out=best)
     return (num_exits - 1) - best.long()
+
+
+def _apply_thresholds(
+    conf: torch.Tensor, correct: torch.Tensor, thresholds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per operating point: how many samples leave at each exit ``[P, K]``, and how many are right ``[P]``.
+
+    One uint8 code per (point, sample) carries both the exit and the correctness: exit k
+    contributes ``2·(K-1-k) + correct[k]`` where it accepts, and the running maximum keeps
+    the earliest accepting exit (a larger ``K-1-k`` always wins; the low bit rides along).
+    The last exit accepts everyone. One bincount then counts (point, exit, correct) triples.
+    """
+    num_exits, n = conf.shape
+    num_points = thresholds.shape[0]
+    if num_exits > 127:
+        raise ValueError(f"at most 127 exits are supported; got {num_exits}")
+    code = correct.to(torch.uint8)  # [K, n]
+    best = code[num_exits - 1].expand(num_points, n).clone()  # the last exit: 0·2 + correct
+    for k in range(num_exits - 1):
+        value = code[k] + 2 * (num_exits - 1 - k)  # [n] uint8
+        accept = conf[k][None, :] >= thresholds[:, k : k + 1]  # [P, n]
+        torch.maximum(best, accept * value[None, :], out=best)
+    offsets = 2 * num_exits * torch.arange(num_points, device=conf.device)[:, None]
+    hist = torch.bincount((best + offsets).view(-1), minlength=2 * num_exits * num_points)
+    hist = hist.view(num_points, num_exits, 2).flip(1)  # code 2·(K-1-k) + c -> exit k
+    return hist.sum(dim=2), hist[:, :, 1].sum(dim=1)
 
 
 @dataclass
@@ -184,13 +211,6 @@ class BudgetedDetails:
     test_correct: torch.Tensor  # [P] int64, correct predictions at the chosen exits
     num_test: int
     points: list[dict]  # [{"p", "flops", "top1"}]
-
-
-def _count_exits(exits: torch.Tensor, num_exits: int) -> torch.Tensor:
-    """``[P, n]`` exit indices -> ``[P, K]`` counts, with one bincount over offset indices."""
-    num_points = exits.shape[0]
-    offset = exits + num_exits * torch.arange(num_points)[:, None]
-    return torch.bincount(offset.view(-1), minlength=num_points * num_exits).view(num_points, num_exits)
 
 
 def budgeted_details(
@@ -215,14 +235,14 @@ def budgeted_details(
     if not ps:
         raise ValueError("ps is empty; give at least one operating point (default: 1/20 ... 39/20)")
 
-    conf_h, _ = confidence_and_prediction(holdout_logits.cpu())
-    conf_t, pred_t = confidence_and_prediction(test_logits.cpu())
+    conf_h, _ = confidence_and_prediction(holdout_logits)
+    conf_t, pred_t = confidence_and_prediction(test_logits.to(holdout_logits.device))
     # checked after the softmax (cheap, [K, n]): NaN or +inf logits, or rows of all -inf,
     # give NaN confidences; -inf logits alone (masked classes) are fine
     for conf, split in ((conf_h, "held-out"), (conf_t, "test")):
         if conf.isnan().any():
             raise ValueError(f"{split} logits contain NaN or inf; their softmax confidences are undefined")
-    return budgeted_from_confidence(conf_h, conf_t, pred_t, test_labels.cpu(), exit_flops, ps)
+    return budgeted_from_confidence(conf_h, conf_t, pred_t, test_labels, exit_flops, ps)
 
 
 def budgeted_from_confidence(
@@ -245,23 +265,20 @@ def budgeted_from_confidence(
     counts = torch.tensor([target_counts(p, num_exits, n_h) for p in ps], dtype=torch.long)
 
     thresholds, holdout_exit_counts = find_thresholds(holdout_conf, counts, return_exit_counts=True)
-    test_exits = exit_assignment(test_conf, thresholds)
-
-    correct = test_pred == test_labels.long()[None, :]  # [K, n_t]
-    correct_at_exit = torch.gather(correct, 0, test_exits)  # [P, n_t]: correct[exit, i]
-    test_correct = correct_at_exit.sum(dim=1)
-    test_exit_counts = _count_exits(test_exits, num_exits)
+    correct = test_pred == test_labels.to(test_pred.device).long()[None, :]  # [K, n_t]
+    test_exit_counts, test_correct = _apply_thresholds(test_conf, correct, thresholds)
+    test_exit_counts, test_correct = test_exit_counts.cpu(), test_correct.cpu()
 
     points = []
-    for i, p in enumerate(ps):
+    for p, row, right in zip(ps, test_exit_counts.tolist(), test_correct.tolist()):
         exp_flops = 0.0
         for k in range(num_exits):
-            exp_flops += test_exit_counts[i, k].item() / n_t * flops[k]
-        points.append({"p": p, "flops": exp_flops, "top1": test_correct[i].item() * 100.0 / n_t})
+            exp_flops += row[k] / n_t * flops[k]
+        points.append({"p": p, "flops": exp_flops, "top1": right * 100.0 / n_t})
     return BudgetedDetails(
         ps=ps,
-        thresholds=thresholds,
-        holdout_exit_counts=holdout_exit_counts,
+        thresholds=thresholds.cpu(),
+        holdout_exit_counts=holdout_exit_counts.cpu(),
         test_exit_counts=test_exit_counts,
         test_correct=test_correct,
         num_test=n_t,
