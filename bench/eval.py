@@ -142,7 +142,8 @@ def main() -> None:
     print(f"speed-up end to end,    vs release-style loop    : {(t_conf + t_release) / t_full:8.1f}x")
 
     if args.cuda:
-        cuda_check(args, h_logits, h_labels, t_logits, t_labels, flops, ps, conf_h, conf_t, pred_t, fast, t_vec)
+        cuda_check(args, h_logits, h_labels, t_logits, t_labels, flops, ps,
+                   conf_h, conf_t, pred_t, fast, t_vec)
 
 
 def cuda_check(args, h_logits, h_labels, t_logits, t_labels, flops, ps, conf_h, conf_t, pred_t, fast, t_vec):
