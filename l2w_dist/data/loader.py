@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms.functional import pil_to_tensor
 
 log = logging.getLogger("l2w_dist.data")
 
@@ -155,14 +156,17 @@ class _Skip:
 
 class _SeededTransform:
     """Apply the transform with torch/python RNGs seeded per sample from (stream seed, index),
-    so a sample's augmentation does not depend on what was decoded before it (exact resume)."""
+    so a sample's augmentation does not depend on what was decoded before it (exact resume).
+    No transform: the image as a uint8 tensor [C, H, W]."""
 
     def __init__(self, transform: Callable | None, seed: int, start: int = 0):
         self.transform, self.seed, self.index = transform, seed, start
 
     def __call__(self, src: Iterator) -> Iterator:
         for image, label in src:
-            if self.transform is not None:
+            if self.transform is None:
+                image = pil_to_tensor(image)
+            else:
                 s = _seed_of(self.seed, self.index)
                 torch.manual_seed(s)
                 random.seed(s)
@@ -268,7 +272,7 @@ class _Stream(IterableDataset):
             guard.count,
             *([_every(stride, offset)] if stride > 1 else []),
             *self._decode_stages(guard),
-            wds.map_tuple(c["transform"] or (lambda x: x), int),
+            wds.map_tuple(c["transform"] or pil_to_tensor, int),
             wds.batched(c["batch_size"], collation_fn=_collate(c["channels_last"]), partial=True),
         )
 
