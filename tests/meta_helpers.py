@@ -178,7 +178,7 @@ def reference_half_step(model, wnet, optimizer, meta_optimizer, train, meta, cfg
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return float(meta_loss)
+    return float(meta_loss.detach())
 
 
 def max_rel_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:

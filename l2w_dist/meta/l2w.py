@@ -338,16 +338,25 @@ def _reduce_weight_net_grads(weight_net: nn.Module, coll: Collectives, global_sy
 
 
 def _forward_ad_error(err: Exception) -> Exception:
+    """Re-raise a forward-AD failure naming the op (aten op or custom Function) and the module."""
     text = str(err)
     if "forward" not in text.lower() and "jvp" not in text.lower():
         return err
-    match = re.search(r"forward AD with (\S+)", text) or re.search(
-        r"jvp\S* (?:is )?not implemented for (\S+)", text
-    )
-    op = match.group(1) if match else "an op of the model"
+    match = re.search(r"forward AD with (\S+)", text)
+    op, module = (match.group(1) if match else None), None
+    tb = err.__traceback__
+    while tb is not None:  # innermost custom autograd.Function and nn.Module on the stack
+        local = tb.tb_frame.f_locals
+        cls = local.get("cls") or getattr(local.get("ctx"), "_forward_cls", None)
+        if op is None and isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            op = f"custom autograd.Function {cls.__name__}"
+        if isinstance(local.get("self"), nn.Module):
+            module = type(local["self"]).__name__
+        tb = tb.tb_next
+    where = f" (in module {module})" if module else ""
     return NotImplementedError(
-        f"hypergrad='jvp' needs forward-mode AD through the model, but {op} does not support it "
-        f"({text.strip().splitlines()[0]}). Use L2WConfig(hypergrad='autograd') for this model."
+        f"hypergrad='jvp' needs forward-mode AD through the model, but {op or 'an op'}{where} does not "
+        f"support it: {text.strip().splitlines()[0]} Use L2WConfig(hypergrad='autograd') for this model."
     )
 
 
