@@ -119,9 +119,14 @@ def _hand_step(params, grads, optimizer):
             v = b2 * st["exp_avg_sq"] + (1 - b2) * g * g if st else (1 - b2) * g * g
             mhat, vhat = m / (1 - b1**t), v / (1 - b2**t)
             out[name] = p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * mhat / (
-                vhat.sqrt() + group["eps"]
+                _safe_sqrt(vhat) + group["eps"]
             )
     return out
+
+
+def _safe_sqrt(v):
+    """sqrt with derivative 0 at 0 (where g = 0 = m, the exact derivative of the Adam step)."""
+    return torch.where(v > 0, v.clamp_min(1e-300).sqrt(), torch.zeros_like(v))
 
 
 def _normalize(t, eps, constraint):

@@ -42,7 +42,7 @@ def virtual_step(
             out[name] = p - s.lr * d
         elif s.kind == "adamw":
             m, v, bc1, bc2 = _adam_moments(s, g)
-            den = v.sqrt() / math.sqrt(bc2) + s.eps
+            den = safe_sqrt(v) / math.sqrt(bc2) + s.eps
             out[name] = p * (1 - s.lr * s.weight_decay) - (s.lr / bc1) * m / den
         else:
             raise ValueError(f"optimizer kind {s.kind!r} is not one of ('sgd', 'adamw')")
@@ -73,6 +73,16 @@ def step_derivative(grads: dict[str, Tensor], states: dict[str, ParamOptState]) 
         else:
             raise ValueError(f"optimizer kind {s.kind!r} is not one of ('sgd', 'adamw')")
     return out
+
+
+def safe_sqrt(v: Tensor) -> Tensor:
+    """sqrt whose derivative at 0 is 0 instead of inf.
+
+    Where v' = 0 the gradient is 0 (and m' = 0), so the exact derivative of m'/den is
+    (1-β1)/den; plain ``sqrt`` would give 0·inf = NaN in the double-backward engine.
+    """
+    positive = v > 0
+    return torch.where(positive, v.clamp_min(torch.finfo(v.dtype).tiny).sqrt(), torch.zeros_like(v))
 
 
 def _adam_moments(s: ParamOptState, g: Tensor) -> tuple[Tensor, Tensor, float, float]:
