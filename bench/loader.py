@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     per_core = max(r["wds_img_per_cpu_s"] for r in rows)  # contention-free per-core rate
     need = args.gpu_img_s * args.gpus
     result = {
-        "images": args.images, "shuffle_buffer": args.shuffle_buffer, "size": args.size, "mean_jpeg_kb": mean_kb, "batch_size": args.batch_size,
+        "images": args.images, "shuffle_buffer": args.shuffle_buffer,
+        "size": args.size, "mean_jpeg_kb": mean_kb, "batch_size": args.batch_size,
         "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
         "decode_only_img_s_1core": dec_only, "decode_transform_img_s_1core": dec_tf,
         "rows": rows, "per_core_img_s": per_core, "gpu_img_s": args.gpu_img_s, "gpus": args.gpus,
