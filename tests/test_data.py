@@ -225,6 +225,14 @@ def test_holdout_disjoint_stable_and_order_independent(tmp_path):
     ev = build_eval_loader(s1, "holdout", batch_size=4, rank=0, world_size=1, num_workers=0, transform=None)
     labels = sorted(int(v) for _x, y in ev for v in y)
     assert labels == sorted(int(k.split("_")[1]) for k in held)
+    # training never sees it, unless the released behaviour is asked for explicitly
+    for include, expect in ((False, 34), (True, 40)):
+        tl = build_train_loader(s1, batch_size=1, rank=0, world_size=1, num_workers=0, transform=None, seed=0,
+                                resampled=False, include_holdout=include)  # fmt: skip
+        ids = sorted(int(v) for _x, y in tl for v in y)
+        assert len(tl) == expect and len(ids) == expect
+        assert not include or {int(k.split("_")[1]) for k in held} <= set(ids)
+        assert include or not {int(k.split("_")[1]) for k in held} & set(ids)
 
 
 # ------------------------------------------------------------ loaders
