@@ -322,6 +322,14 @@ def test_train_deterministic_epochs_and_exact_resume(npz_shards):
         assert len(tail) == 7 - k
         for (x1, y1), (x2, y2) in zip(full[k:], tail):
             assert torch.equal(y1, y2) and torch.equal(x1, x2)  # augmentation RNG included
+    b.set_epoch(3, start_batch=6)  # one worker has nothing left: it must stop, not stream forever
+    (last,) = list(b)
+    assert torch.equal(last[0], full[6][0])
+    b.set_epoch(3, start_batch=7)
+    assert list(b) == []
+    short = build_train_loader(npz_shards, batch_size=2, rank=0, world_size=1, num_workers=2, transform=None,
+                               seed=0, epoch_length=1)  # fmt: skip
+    assert len(list(short)) == 1  # fewer batches than workers
 
 
 def test_channels_last_and_transforms(npz_shards):

@@ -263,7 +263,7 @@ class _Stream(IterableDataset):
     def _decode_stages(self, guard: BadDataGuard) -> list:
         return [wds.decode(_decode_rgb, handler=guard), wds.to_tuple(IMAGE_KEYS, "cls", handler=guard)]
 
-    def _train(self, worker: int, workers: int) -> wds.DataPipeline:
+    def _train(self, worker: int, workers: int) -> wds.DataPipeline | list:
         c = self.cfg
         role = (worker + c["start_batch"]) % workers  # see module docstring: resume keeps i -> i % W
         n_role = c["num_batches"] // workers + (role < c["num_batches"] % workers)
@@ -292,6 +292,8 @@ class _Stream(IterableDataset):
             _SeededTransform(c["transform"], seed, start=skip * bs),
             wds.batched(bs, collation_fn=_collate(c["channels_last"]), partial=False),
         )
+        if n_role - skip <= 0:  # with_epoch(0) would mean "unbounded": this worker has nothing left
+            return []
         return pipe.with_epoch(nbatches=n_role - skip)
 
     def _eval(self, worker: int, workers: int) -> wds.DataPipeline:
