@@ -144,9 +144,8 @@ def l2w_half_step(
         meta_optimizer.step()
 
     # 3. Real update with weights from the updated weight net, re-using the train forward.
-    if pre_update:
-        with torch.no_grad():
-            weights = normalize_weights(weight_net(features), cfg.epsilon, cfg.constraint, norm_coll)
+    if pre_update:  # the pseudo-step gradient, weighted by the weight net before its step
+        weights = weights.detach()
         grads = pseudo_grads
         if not global_sync and world > 1:  # local sync: the real step still uses the global mean
             grads = _all_reduce_mean(grads, coll)
@@ -195,14 +194,14 @@ def _jvp_meta_grad(module, params, states, ce, weights, x_tr, y_tr, meta, cfg, c
     """Forward-mode hypergradient; leaves φ.grad holding this rank's share of ∂meta/∂φ."""
     batch = ce.shape[0] * (coll.world_size if global_sync else 1)
     loss = weighted_loss(ce, weights.detach())
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True)))
+    grads = _grad(loss, params, retain_graph=True)
     if global_sync:
         grads = _all_reduce_mean(grads, coll)
     with torch.no_grad():
         theta = virtual_step({n: p.detach() for n, p in params.items()}, grads, states)
     theta = {n: t.requires_grad_() for n, t in theta.items()}
     meta_loss, alloc = _meta_loss(module, theta, meta, cfg, coll, global_sync)
-    u = dict(zip(theta, torch.autograd.grad(meta_loss, list(theta.values()))))
+    u = _grad(meta_loss, theta)
     meta_loss = meta_loss.detach()
     if global_sync:  # u of the global meta loss; the meta loss value rides along
         flat = coll.all_reduce_sum_(torch.cat([t.reshape(-1) for t in u.values()] + [meta_loss.reshape(1)]))
@@ -228,7 +227,7 @@ def _autograd_meta_grad(
 ):
     """Reference engine: double backward through the virtual step (autograd-aware all-reduces)."""
     loss = weighted_loss(ce, weights)
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True)))
+    grads = _grad(loss, params, create_graph=True)
     if global_sync:
         flat = coll.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads.values()])) / coll.world_size
         grads = _unflatten(flat, grads)
@@ -306,6 +305,12 @@ def _upcast(z: Tensor) -> Tensor:
 def _scratch_buffers(module: nn.Module) -> dict[str, Tensor]:
     """Copies of the buffers: virtual forwards in train mode update these, never the model's."""
     return {n: b.clone() for n, b in module.named_buffers()}
+
+
+def _grad(loss: Tensor, wrt: dict[str, Tensor], **kw) -> dict[str, Tensor]:
+    """``autograd.grad`` by name; parameters the loss does not reach get zeros."""
+    grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True, **kw)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(wrt.items(), grads)}
 
 
 def _unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
