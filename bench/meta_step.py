@@ -210,14 +210,18 @@ def main(argv=None) -> None:
     if plain:
         for r in results:
             r["time_x_plain"] = r["ms_median"] / plain["ms_median"]
+            r["time_min_x_plain"] = r["ms_min"] / plain["ms_min"]
             r["mem_x_plain"] = r["peak_mb"] / plain["peak_mb"] if plain["peak_mb"] > 0 else float("nan")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads} threads"
     print(f"{args.model} batch {args.batch} {args.dtype} {device_name}")
-    print(f"{'variant':10s} {'ms/iter':>9s} {'x plain':>8s} {'peak MB':>9s} {'x plain':>8s}")
+    nan = float("nan")
+    cols = ("median ms", "x plain", "min ms", "x plain", "peak MB", "x plain")
+    print(f"{'variant':10s} " + " ".join(f"{c:>9s}" for c in cols))
     for r in results:
         print(
-            f"{r['variant']:10s} {r['ms_median']:9.1f} {r.get('time_x_plain', float('nan')):8.2f} "
-            f"{r['peak_mb']:9.1f} {r.get('mem_x_plain', float('nan')):8.2f}"
+            f"{r['variant']:10s} {r['ms_median']:9.1f} {r.get('time_x_plain', nan):8.2f} "
+            f"{r['ms_min']:9.1f} {r.get('time_min_x_plain', nan):8.2f} "
+            f"{r['peak_mb']:9.1f} {r.get('mem_x_plain', nan):8.2f}"
         )
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k not in ("variant", "json")}
