@@ -360,3 +360,18 @@ def test_meta_interval_skips_the_meta_step(f64):
     assert not all(torch.equal(a, b) for a, b in zip(phi, wnet.parameters()))
     with pytest.raises(ValueError, match="meta_interval"):
         l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(), meta_interval=0)
+
+
+@pytest.mark.parametrize("opt_kind", ["momentum", "adamw"])
+def test_finite_difference_engine_close_to_autograd(f64, opt_kind):
+    """The third engine: central difference of the per-sample losses along D·u (no AD through θ)."""
+    grads = {}
+    for engine in ("autograd", "finite_difference"):
+        model, wnet, opt, mopt, x, y = _setup("bn", opt_kind)
+        l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(epsilon=0.8, constraint="col"))
+        zero_lr = torch.optim.SGD(wnet.parameters(), lr=0.0)
+        cfg = L2WConfig(epsilon=0.8, constraint="mat", hypergrad=engine, fd_step=1e-5)
+        l2w_half_step(model, wnet, opt, zero_lr, train=(x[:8], y[:8]), meta=(x[8:], y[8:]), cfg=cfg)
+        grads[engine] = torch.cat([p.grad.reshape(-1) for p in wnet.parameters()])
+    err = (grads["finite_difference"] - grads["autograd"]).norm() / grads["autograd"].norm()
+    assert err < 1e-7, err.item()
