@@ -205,6 +205,7 @@ def test_target_proportions_paper_values():
         ("epsilon", -1.0),
         ("target_p_index", 0),
         ("label_smoothing", 1.5),
+        ("fd_step", 0.0),
     ],
 )
 def test_config_validation_names_value_and_allowed(field, value):
