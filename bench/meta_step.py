@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 VARIANTS = ("plain", "reference", "autograd", "jvp", "jvp_pre")
+# Also buildable (used by bench/gpu_suite.py): an L2W iteration whose step skips the meta step
+# (what 99 of 100 iterations cost at meta_interval 100), and the plain step under torch.compile.
+EXTRA_VARIANTS = ("jvp_nometa", "plain_compile")
 INPUT_SIZE = {"msdnet_cifar": (3, 32, 32), "msdnet_imagenet": (3, 224, 224)}
 
 
@@ -154,9 +157,11 @@ def build_variant(args: argparse.Namespace, v: str):
     )
     half = args.batch // 2
 
+    forward = torch.compile(model) if v == "plain_compile" else model
+
     def one_iteration():
-        if v == "plain":
-            loss = sum(F.cross_entropy(z.float(), y) for z in model(x))
+        if v in ("plain", "plain_compile"):
+            loss = sum(F.cross_entropy(z.float(), y) for z in forward(x))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -164,6 +169,8 @@ def build_variant(args: argparse.Namespace, v: str):
             a, b = (x[:half], y[:half]), (x[half:], y[half:])
             _released_half_step(model, pseudo, wnet, opt, mopt, a, b, q, 0.3)
             _released_half_step(model, pseudo, wnet, opt, mopt, b, a, q, 0.3)
+        elif v == "jvp_nometa":
+            l2w_iteration(model, wnet, opt, mopt, x, y, cfg, step=1, meta_interval=100)
         else:
             l2w_iteration(model, wnet, opt, mopt, x, y, cfg)
 
