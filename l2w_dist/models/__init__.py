@@ -4,6 +4,7 @@ Every model returns a list of K logit tensors and has ``exit_flops`` (cumulative
 multiply-adds per exit for one image). Importing this package registers the builders.
 """
 
+from . import msdnet  # noqa: E402,F401  (registers msdnet_cifar, msdnet_imagenet)
 from .base import MultiExitModel, count_exit_flops
 from .registry import create_model, list_models, register_model
 
