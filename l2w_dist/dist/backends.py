@@ -175,6 +175,18 @@ class DeepSpeedUpdate:
         self.engine.step()
         self.steps += 1
 
+    def step_with_grads(self, grads: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+        """Real step from given (already globally averaged) gradients (``real_weights="pre_update"``).
+
+        ZeRO only accepts gradients through its backward hooks (which reduce-scatter them
+        into the owning rank's partition), so the gradients go in as the backward of the
+        surrogate ``Σ ⟨p, g⟩``, whose gradient is ``g``; ZeRO's average of the identical
+        ``g`` over ranks is ``g`` again. Cost: one gradient reduce-scatter, as a real backward.
+        """
+        surrogate = sum((p * grads[n].detach()).sum() for n, p in params.items())
+        self.engine.backward(surrogate)
+        self.step()
+
     # -- portable (torch-format) optimizer state dict -------------------------------------
     def _indexed_params(self) -> Iterator[tuple[int, int, nn.Parameter]]:
         idx = 0
@@ -244,6 +256,33 @@ class DeepSpeedBackend(TrainBackend):
 
     def load_optimizer_state_dict(self, sd: dict) -> None:
         self.update.load_state_dict(sd)  # type: ignore[attr-defined]
+
+
+def _only_engine_backward_is_real(engine) -> None:
+    """Let ``torch.autograd.grad`` through an engine forward be just a gradient, not a training backward.
+
+    DeepSpeed ≥ 0.17 hooks the outputs of ``engine(x)``: the first backward that reaches
+    them starts ZeRO's backward prologue and queues its gradient-reduction epilogue. The
+    L2W step differentiates the shared train forward twice — ``autograd.grad`` for the
+    pseudo-step gradient, then ``engine.backward`` for the real update — and only the
+    second is a training backward (the first must not reduce or clear anything; it
+    accumulates no ``.grad``, so ZeRO's per-parameter hooks do not fire for it). We run
+    the prologue only inside ``engine.backward``, which DeepSpeed flags with
+    ``_running_engine_backward``.
+    """
+    for attr in ("_backward_prologue", "_running_engine_backward"):
+        if not hasattr(engine, attr):
+            raise RuntimeError(
+                f"this DeepSpeed version's engine has no {attr}; the L2W DeepSpeed backend was written "
+                "for DeepSpeed 0.19 (see l2w_dist/dist/backends.py)"
+            )
+    prologue = engine._backward_prologue
+
+    def guarded_prologue() -> None:
+        if engine._running_engine_backward:
+            prologue()
+
+    engine._backward_prologue = guarded_prologue
 
 
 def deepspeed_config(
@@ -334,6 +373,14 @@ def build_backend(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=cfg, dist_init_required=False
     )
+    _only_engine_backward_is_real(engine)
+    if zero_stage == 2:
+        # DeepSpeed's no_sync asserts under ZeRO-2 (gradients are reduce-scattered into
+        # partitions at every backward, so there is no "skip the sync"). The L2W step enters
+        # ``model.no_sync()`` around its shared forward with real_weights="pre_update" (for
+        # DDP, whose reducer would otherwise wait for a backward that never comes); DeepSpeed
+        # needs nothing there, so under ZeRO-2 it is a no-op.
+        engine.no_sync = contextlib.nullcontext
     update = DeepSpeedUpdate(engine, engine.module, kind_opt, grouped)
     return DeepSpeedBackend(engine, engine.module, update, env, precision)
 
