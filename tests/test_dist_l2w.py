@@ -3,7 +3,9 @@
 - DeepSpeed ZeRO-1 and ZeRO-2 end 3 L2W iterations with the same parameters as DDP (fp32).
 - BatchNorm models: with ``sync_batchnorm=True`` (GlobalBatchNorm) ``sync="global"`` equals
   one process on the concatenated batch (float64, both engines, running statistics included);
-  without it, ``sync="local"`` equals a literal per-rank released-style reference.
+  without it, ``sync="global"`` equals one process with ghost BatchNorm over the ranks' slices
+  (the difference is exactly the statistics' batch size), and ``sync="local"`` equals a literal
+  per-rank released-style reference.
 
 The BatchNorm-free global-vs-one-process equalities over DDP are meta's
 (tests/test_meta_dist.py); they are not repeated here.
@@ -98,6 +100,15 @@ BN_CASES = [
 ]
 
 
+class _GhostBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm with statistics per consecutive group of the batch (one group per rank)."""
+
+    groups = 1
+
+    def forward(self, x):
+        return torch.cat([torch.nn.BatchNorm2d.forward(self, part) for part in x.chunk(self.groups)])
+
+
 def _bn_data(world: int):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, world * B, 3, 6, 6, generator=g, dtype=torch.float64)
@@ -183,11 +194,22 @@ def _bn_worker(env: DistEnv) -> dict:
         model2, wnet2, opt2, mopt2 = _fresh(case)
         plain = build_backend("ddp", model2, opt2, env=env)
         _two_halves(plain.model, wnet2, plain.update, mopt2, x[:, mine], y[:, mine], cfg)
+        # ... and equals exactly one process with "ghost" BatchNorm over the ranks' slices
+        model3, wnet3, opt3, mopt3 = _fresh(case)
+        for m in model3.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.__class__ = _GhostBatchNorm2d
+                m.groups = world
+        _two_halves(model3, wnet3, opt3, mopt3, x, y, cfg, LocalCollectives())
+        no_stats = [k for k in want if "running" not in k and "num_batches" not in k]
+        ghost = max_rel_diff(
+            {k: _state(model2, wnet2)[k] for k in no_stats}, {k: _state(model3, wnet3)[k] for k in no_stats}
+        )
         unsynced = max_rel_diff(
             {k: v for k, v in _state(model2, wnet2).items() if "running" not in k},
             {k: v for k, v in want.items() if "running" not in k},
         )
-        out[f"global{i}"] = (max_rel_diff(got, want), delta, unsynced)
+        out[f"global{i}"] = (max_rel_diff(got, want), delta, unsynced, ghost)
     # sync="local" with per-rank BatchNorm against the literal per-rank reference
     for i, case in enumerate(BN_CASES[:2]):
         cfg = L2WConfig(epsilon=0.8, constraint=case["constraint"], hypergrad=case["hypergrad"], sync="local")
@@ -206,9 +228,10 @@ def _bn_worker(env: DistEnv) -> dict:
 def test_batchnorm_global_with_sync_bn_equals_one_process_and_local_matches_reference():
     for rank, res in enumerate(run_ranks(_bn_worker, 2, timeout_s=170)):
         for i, case in enumerate(BN_CASES):
-            diff, delta, unsynced = res[f"global{i}"]
+            diff, delta, unsynced, ghost = res[f"global{i}"]
             assert diff <= 1e-9 and delta <= 1e-9, (rank, case, diff, delta)
             assert unsynced > 1e-6, (rank, case, "per-rank BatchNorm should differ", unsynced)
+            assert ghost <= 1e-9, (rank, case, "per-rank BatchNorm = one process with ghost BatchNorm", ghost)
         for i, case in enumerate(BN_CASES[:2]):
             assert res[f"local{i}"] <= 1e-9, (rank, case, res[f"local{i}"])
 

@@ -261,7 +261,7 @@ class DeepSpeedBackend(TrainBackend):
 def _only_engine_backward_is_real(engine) -> None:
     """Let ``torch.autograd.grad`` through an engine forward be just a gradient, not a training backward.
 
-    DeepSpeed ≥ 0.17 hooks the outputs of ``engine(x)``: the first backward that reaches
+    DeepSpeed 0.19 hooks the outputs of ``engine(x)``: the first backward that reaches
     them starts ZeRO's backward prologue and queues its gradient-reduction epilogue. The
     L2W step differentiates the shared train forward twice — ``autograd.grad`` for the
     pseudo-step gradient, then ``engine.backward`` for the real update — and only the
