@@ -1,6 +1,7 @@
 """The L2W step through the backends, over gloo (2 CPU processes).
 
-- DeepSpeed ZeRO-1 and ZeRO-2 end 3 L2W iterations with the same parameters as DDP (fp32).
+- DeepSpeed ZeRO-1 and ZeRO-2 end 3 L2W iterations with the same parameters as DDP (fp32);
+  bf16 autocast under ZeRO-2 runs and stays close.
 - BatchNorm models: with ``sync_batchnorm=True`` (GlobalBatchNorm) ``sync="global"`` equals
   one process on the concatenated batch (float64, both engines, running statistics included);
   without it, ``sync="global"`` equals one process with ghost BatchNorm over the ranks' slices
@@ -50,11 +51,11 @@ ZERO_CASES = [
 ]
 
 
-def _l2w_run(env: DistEnv, kind: str, stage: int, case: dict, iters: int = 3):
+def _l2w_run(env: DistEnv, kind: str, stage: int, case: dict, iters: int = 3, precision: str = "fp32"):
     torch.manual_seed(0)
     model, wnet = TinyExitMLP(), WeightNet(3, hidden=7)
     opt = make_optimizer(case["opt"], model.parameters())
-    backend = build_backend(kind, model, opt, env=env, zero_stage=stage)
+    backend = build_backend(kind, model, opt, env=env, zero_stage=stage, precision=precision)
     mopt = torch.optim.Adam(wnet.parameters(), lr=1e-2)
     cfg = L2WConfig(
         epsilon=0.8,
@@ -67,7 +68,8 @@ def _l2w_run(env: DistEnv, kind: str, stage: int, case: dict, iters: int = 3):
         x = torch.randn(env.world_size, 2 * B, 12, generator=g)[env.rank]
         y = torch.randint(0, 5, (env.world_size, 2 * B), generator=g)[env.rank]
         backend.set_lr(0.1 * (1 - it / iters) + 0.01)  # a schedule, as the trainer's
-        l2w_iteration(backend.model, wnet, backend.update, mopt, x, y, cfg)
+        with backend.autocast():
+            l2w_iteration(backend.model, wnet, backend.update, mopt, x, y, cfg)
     return _state(backend.module, wnet)
 
 
@@ -81,6 +83,10 @@ def _zero_vs_ddp(env: DistEnv) -> list[tuple[dict, int, float, float]]:
             ds = _l2w_run(env, "deepspeed", stage, case)
             moved = max(float((ddp[k] - start[k]).abs().max() / start[k].abs().max()) for k in ddp)
             out.append((case, stage, max_rel_diff(ds, ddp), moved))
+        if case is ZERO_CASES[0]:  # bf16 autocast under ZeRO-2: fp32 master state, close to fp32
+            bf16 = _l2w_run(env, "deepspeed", 2, case, precision="bf16")
+            assert all(v.dtype == ddp[k].dtype for k, v in bf16.items())
+            out.append(({**case, "precision": "bf16"}, 2, max_rel_diff(bf16, ddp), moved))
     return out
 
 
@@ -88,7 +94,10 @@ def test_zero1_zero2_equal_ddp_after_three_l2w_iterations():
     for rank_results in run_ranks(_zero_vs_ddp, 2, timeout_s=170):
         for case, stage, diff, moved in rank_results:
             assert moved > 1e-3, (case, "training did not move the parameters: vacuous comparison")
-            assert diff <= 1e-6, (case, stage, diff)
+            if case.get("precision") == "bf16":
+                assert 0 < diff <= 5e-2, (case, stage, diff)  # bf16 forwards: close, not equal
+            else:
+                assert diff <= 1e-6, (case, stage, diff)
 
 
 # ------------------------------------------------------------------ BatchNorm (float64)
