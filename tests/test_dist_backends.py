@@ -126,13 +126,14 @@ def _all_zero_cases(env: DistEnv) -> dict:
     return {(stage, opt): _zero_vs_reference(env, stage, opt) for stage in (1, 2) for opt in ("sgd", "adamw")}
 
 
-def test_zero_virtual_state_equals_torch_optimizer_state():
-    """ZeRO-1/2 on 2 ranks: DeepSpeedUpdate.virtual_state is exactly a torch optimizer's state.
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero_virtual_state_equals_torch_optimizer_state(world):
+    """ZeRO-1/2 on 2 and 4 ranks: DeepSpeedUpdate.virtual_state is exactly a torch optimizer's state.
 
     Also: the parameters equal the one-process reference after 3 steps (with an lr
     change), the portable state dict equals the torch optimizer's, and it loads back.
     """
-    for rank_results in run_ranks(_all_zero_cases, 2, timeout_s=150):
+    for rank_results in run_ranks(_all_zero_cases, world, timeout_s=150):
         for case, res in rank_results.items():
             assert res["meta_mismatch"] == [], (case, res["meta_mismatch"])
             assert res["param"] < 1e-6, (case, res)
