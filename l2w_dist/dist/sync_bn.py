@@ -94,25 +94,28 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
 
-        dims = [0] + list(range(2, input.dim()))
-        count_local = input.numel() // input.shape[1]
-        head = torch.cat([input.sum(dims), input.new_full((1,), float(count_local))])
+        # statistics in fp32 at least: under bf16/fp16 autocast the sums would lose precision
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+        dims = [0] + list(range(2, x.dim()))
+        count_local = x.numel() // x.shape[1]
+        head = torch.cat([x.sum(dims), x.new_full((1,), float(count_local))])
         head = all_reduce_sum(head, self.process_group)
         count = head[-1].detach()
         mean = head[:-1] / count
-        shape = [1, -1] + [1] * (input.dim() - 2)
-        centred = input - mean.view(shape)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = x - mean.view(shape)
         var = all_reduce_sum((centred * centred).sum(dims), self.process_group) / count
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
+        out = out.to(input.dtype)
 
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 n = float(count)
                 unbiased = var.detach() * (n / max(n - 1.0, 1.0))
-                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach().to(self.running_mean), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var), alpha=momentum)
         return out
 
 
