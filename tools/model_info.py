@@ -4,6 +4,7 @@
     python tools/model_info.py msdnet_cifar num_blocks=7 step_mode=even step=2 base=4
     python tools/model_info.py --list
     python tools/model_info.py msdnet_cifar --json
+    python tools/model_info.py msdnet_cifar --row --header   # a row of the all-models table
 
 Overrides are ``key=value`` keyword options of ``create_model`` (values parsed as YAML:
 ``6``, ``true``, ``[1,2,4,4]``, ``lin_grow``). FLOPs are the model's ``exit_flops``
@@ -103,6 +104,17 @@ def markdown(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_HEADER = "| Model | Exits | MFLOPs per exit (cumulative) | Params (M) |\n|---|---:|---|---:|"
+
+
+def summary_row(info: dict[str, Any]) -> str:
+    """One line of the all-models table (``--row``); header: ``SUMMARY_HEADER``."""
+    opts = " ".join(f"{k}={v}" for k, v in info["options"].items())
+    flops = " / ".join(f"{e['flops'] / 1e6:.1f}" for e in info["exits"])
+    name = f"`{info['model']}`" + (f" {opts}" if opts else "")
+    return f"| {name} | {len(info['exits'])} | {flops} | {info['total_params'] / 1e6:.2f} |"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value options for create_model")
     parser.add_argument("--list", action="store_true", help="print the registered model names and exit")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    parser.add_argument("--row", action="store_true", help="print one row of the all-models table")
+    parser.add_argument("--header", action="store_true", help="with --row: print the table header first")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(list_models()))
@@ -123,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(info, indent=2) if args.json else markdown(info))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif args.row:
+        print((SUMMARY_HEADER + "\n" if args.header else "") + summary_row(info))
+    else:
+        print(markdown(info))
     return 0
 
 
