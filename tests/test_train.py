@@ -41,6 +41,26 @@ def make_tiny_spec(folder: Path) -> str:
     return str(sidecar)
 
 
+def wandb_record_bytes(path: Path) -> bytes:
+    """The concatenated protobuf records of a W&B run file, in which logged keys appear verbatim.
+
+    The file is a 7-byte header then LevelDB-log blocks of 32 KiB: each record fragment has a
+    7-byte header (crc32, length, type) and a block's tail under 7 bytes is padding. Searching the
+    raw file would miss a key split across two blocks.
+    """
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, parts, block = 7, [], 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        parts.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+    return b"".join(parts)
+
+
 def overrides(spec: str, **extra) -> list[str]:
     base = {
         "model.name": "msdnet_cifar",
@@ -152,7 +172,7 @@ def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
     # W&B offline: one run folder whose record file holds the logged keys; no network needed.
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records, keys stored verbatim
+    records = wandb_record_bytes(next(runs[0].glob("run-*.wandb")))
     for key in ("loss", "meta_loss", "lr", "img_per_s", "w_mean/0", "w_std/2", "alloc/1", "weights/hist_exit1",
                 "holdout/top1_exit3", "eval/top1_exit1", "eval/top5_exit3", "eval/budgeted_curve",
                 "eval/budgeted_best_top1"):
