@@ -1,0 +1,95 @@
+"""TEST DOUBLE of ``l2w_dist.train.run_training`` for the launcher tests.
+
+It keeps the trainer's contract — torchrun-style rank variables, gloo when WORLD_SIZE > 1,
+automatic resume from OUTPUT/checkpoints/last.pt (a dict with "model"), ``stop_requested``
+polled at iteration boundaries and agreed by all ranks, {"status": "preempted"|"finished"} —
+with a tiny linear model whose every step is a deterministic function of the step index, so
+an interrupted and resumed run must end with bit-identical parameters. Each step sleeps
+L2W_STAND_IN_STEP_S seconds (default 0.05) so that signals land mid-training.
+It is fast and independent of the real trainer: the tests of the launcher's signal and
+requeue logic use it; the end-to-end tests use the real trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _max_steps(overrides) -> int:
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "train.max_steps":
+            return int(value)
+    return 20
+
+
+def run_training(config, output, overrides=(), stop_requested=None) -> dict:
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    out = Path(output)
+    ckpt = out / "checkpoints" / "last.pt"
+    model = torch.nn.Linear(4, 3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    max_steps = _max_steps(overrides)
+    step_s = float(os.environ.get("L2W_STAND_IN_STEP_S", "0.05"))
+    trace = out / f"trace_rank{rank}.txt"
+
+    def save() -> None:
+        if rank == 0:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+            os.replace(tmp, ckpt)
+        if world > 1:
+            dist.barrier()
+
+    def finish(result: dict) -> dict:
+        if world > 1:
+            dist.destroy_process_group()
+        return result
+
+    while step < max_steps:
+        stop = torch.tensor([1.0 if stop_requested is not None and stop_requested() else 0.0])
+        if world > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() > 0:
+            save()
+            return finish({"status": "preempted", "step": step})
+        g = torch.Generator().manual_seed(1000 + step)
+        x = torch.randn(8 * world, 4, generator=g)[rank * 8:(rank + 1) * 8]
+        y = torch.randn(8 * world, 3, generator=g)[rank * 8:(rank + 1) * 8]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if world > 1:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+        step += 1
+        with trace.open("a") as f:
+            f.write(f"{step}\n")
+        time.sleep(step_s)
+    save()
+    if rank == 0:
+        (out / "eval.json").write_text('{"anytime": [{"exit": 1, "flops": 1.0, "top1": 50.0, "top5": 90.0}], '
+                                      '"budgeted": []}')
+    return finish({"status": "finished", "step": step,
+                   "eval": {"anytime": [{"exit": 1, "flops": 1.0, "top1": 50.0, "top5": 90.0}]}})
