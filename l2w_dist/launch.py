@@ -8,7 +8,7 @@
 ``launch/imagenet.py`` and ``launch/cifar.py`` only pick a :class:`Preset` (default config
 and resources) and call :func:`main`.
 
-What runs on the cluster is :class:`TrainingJob`, one process per task (one task per
+What runs on the cluster is :class:`TrainingRun`, one process per task (one task per
 GPU): it exports the torch.distributed rank environment from submitit's job environment,
 calls the trainer (``l2w_dist.train.run_training``) on the shared run folder, and handles
 preemption and time limits as follows.
@@ -18,7 +18,7 @@ warning signal (USR2, sent ``--signal-delay`` seconds before the time limit) cal
 ``checkpoint()``, requeues the job and exits *from inside the signal handler*, i.e. in the
 middle of whatever the process was doing — a forward pass, an all-reduce, or a checkpoint
 write — and only on rank 0. Saving the training state there would not be consistent, so
-TrainingJob replaces that handler, for USR2 and SIGTERM, with one that only records the
+TrainingRun replaces that handler, for USR2 and SIGTERM, with one that only records the
 signal. The trainer polls the record at iteration boundaries (``stop_requested``); when
 any rank has seen a signal all ranks agree, rank 0 writes a checkpoint, and the trainer
 returns ``{"status": "preempted"}``. Only then does rank 0 do what submitit's handler
@@ -127,7 +127,7 @@ def resolve_trainer(path: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), attr)
 
 
-class TrainingJob(submitit.helpers.Checkpointable):
+class TrainingRun(submitit.helpers.Checkpointable):
     """One training run; submitit pickles it and calls it once per task (rank).
 
     It holds no training state: everything lives in ``output`` (the trainer's checkpoints),
@@ -214,23 +214,20 @@ class TrainingJob(submitit.helpers.Checkpointable):
             _write_json(marker, {"action": "gave-up", "message": message})
             raise RuntimeError(message)
 
-        # What submitit's signal handler would have done, at an iteration boundary: store the
-        # checkpointed callable as the job's pickle, then requeue.
-        paths = env.paths
-        if paths.submitted_pickle.exists():
-            submitted = submitit.core.utils.DelayedSubmission.load(paths.submitted_pickle)
-            countdown = submitted._timeout_countdown
-            delayed = self.checkpoint()
-            delayed.set_timeout(submitted._timeout_min, countdown)
-            with submitit.core.utils.temporary_save_path(paths.submitted_pickle) as tmp:
-                delayed.dump(tmp)
-        else:
-            countdown = self.max_requeues - done
         log.record("requeued", job_id=job_id, step=step, signals=signals, requeues=done + 1)
-        _write_json(marker, {"action": "requeue"})
-        if env.name() == "debug":
+        if env.name() == "debug":  # no scheduler, no pickle: run again here
             print(f"[l2w launch] debug: re-running in process (requeue {done + 1})", flush=True)
             return self()
+        # What submitit's signal handler would have done, now at an iteration boundary: store
+        # the checkpointed callable as the job's pickle, then requeue.
+        paths = env.paths
+        submitted = submitit.core.utils.DelayedSubmission.load(paths.submitted_pickle)
+        countdown = submitted._timeout_countdown
+        delayed = self.checkpoint()
+        delayed.set_timeout(submitted._timeout_min, countdown)
+        with submitit.core.utils.temporary_save_path(paths.submitted_pickle) as tmp:
+            delayed.dump(tmp)
+        _write_json(marker, {"action": "requeue"})
         print(f"[l2w launch] requeueing job {job_id} at step {step} (requeue {done + 1} of at most "
               f"{self.max_requeues})", flush=True)
         env._requeue(countdown)  # slurm: scontrol requeue; local: exits with submitit's requeue code
@@ -532,14 +529,14 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
                       slurm_constraint=args.constraint, slurm_mem=args.mem,
                       slurm_signal_delay_s=args.signal_delay,
                       slurm_additional_parameters={"requeue": True})
-    elif cluster == "local":
-        params.update(local_signal_delay_s=args.signal_delay)
     executor.update_parameters(**params)
+    if cluster == "local":  # submitit's LocalExecutor has the option but AutoExecutor does not pass it
+        executor._executor.parameters["signal_delay_s"] = args.signal_delay
 
     jobs_to_submit = []
     for run_dir, overrides, cfg in zip(run_dirs, override_sets, configs):
         wandb_id = _new_wandb_id() if cfg.wandb.mode != "disabled" else None
-        jobs_to_submit.append(TrainingJob(str(config), str(run_dir), overrides, max_requeues=args.max_requeues,
+        jobs_to_submit.append(TrainingRun(str(config), str(run_dir), overrides, max_requeues=args.max_requeues,
                                           trainer=args.trainer, wandb_run_id=wandb_id))
     if len(jobs_to_submit) == 1:
         jobs = [executor.submit(jobs_to_submit[0])]
@@ -569,7 +566,7 @@ def _resolve_config(path: str) -> Path:
 
 
 def _make_importable_in_jobs() -> None:
-    """Jobs unpickle TrainingJob, so they must import l2w_dist: put a source checkout on PYTHONPATH.
+    """Jobs unpickle TrainingRun, so they must import l2w_dist: put a source checkout on PYTHONPATH.
 
     sbatch and the local executor pass this process's environment on to the job.
     """
@@ -585,7 +582,7 @@ def _new_wandb_id() -> str:
     return secrets.token_hex(4)
 
 
-def _print_submission(jobs: list[Any], run_dirs: list[Path], specs: list[TrainingJob], configs: list[Any],
+def _print_submission(jobs: list[Any], run_dirs: list[Path], specs: list[TrainingRun], configs: list[Any],
                       cluster: str) -> None:
     for job, run_dir, spec, cfg in zip(jobs, run_dirs, specs, configs):
         print(f"submitted {cluster} job {job.job_id}")
@@ -637,6 +634,6 @@ def main(argv: Sequence[str] | None = None, preset: Preset = IMAGENET) -> int:
 
 __all__ = [
     "CIFAR", "CLUSTERS", "IMAGENET", "LaunchError", "Preset", "RequeueLog", "StopSignals", "Submitted",
-    "TrainingJob", "build_parser", "check_slurm", "expand_array", "launch", "main", "parse_time",
+    "TrainingRun", "build_parser", "check_slurm", "expand_array", "launch", "main", "parse_time",
     "validate_configs", "wait_and_report",
 ]

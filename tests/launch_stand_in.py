@@ -28,6 +28,46 @@ def _max_steps(overrides) -> int:
     return 20
 
 
+def _init_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Linear(4, 3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(8 * world, 4, generator=g)[rank * 8:(rank + 1) * 8]
+    y = torch.randn(8 * world, 3, generator=g)[rank * 8:(rank + 1) * 8]
+    return x, y
+
+
+def reference_model(max_steps: int, world: int) -> dict[str, torch.Tensor]:
+    """The uninterrupted run's final parameters, all ranks simulated in this process.
+
+    Gradients are averaged as gloo does it (the sum over ranks, then / world), so the result
+    is bit-identical to a real run with ``world`` ranks.
+    """
+    torch.set_num_threads(1)
+    model, opt = _init_model()
+    for step in range(max_steps):
+        grads = []
+        for rank in range(world):
+            x, y = _batch(step, rank, world)
+            model.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for i, p in enumerate(model.parameters()):
+            total = grads[0][i]
+            for g in grads[1:]:
+                total = total + g[i]
+            p.grad = total / world
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def run_training(config, output, overrides=(), stop_requested=None) -> dict:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -36,12 +76,7 @@ def run_training(config, output, overrides=(), stop_requested=None) -> dict:
         dist.init_process_group("gloo")
     out = Path(output)
     ckpt = out / "checkpoints" / "last.pt"
-    model = torch.nn.Linear(4, 3)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = _init_model()
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
@@ -73,9 +108,7 @@ def run_training(config, output, overrides=(), stop_requested=None) -> dict:
         if stop.item() > 0:
             save()
             return finish({"status": "preempted", "step": step})
-        g = torch.Generator().manual_seed(1000 + step)
-        x = torch.randn(8 * world, 4, generator=g)[rank * 8:(rank + 1) * 8]
-        y = torch.randn(8 * world, 3, generator=g)[rank * 8:(rank + 1) * 8]
+        x, y = _batch(step, rank, world)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         if world > 1:

@@ -1,0 +1,190 @@
+"""The launcher without Slurm: options, errors before submission, and preemption/requeue on the
+local (processes) and debug (in-process) clusters, with a deterministic test double as trainer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import launch_stand_in
+import pytest
+import torch
+from launch_testutil import (
+    STAND_IN,
+    children,
+    launcher_env,
+    requeue_log,
+    run_launcher,
+    start_launcher,
+    trace_steps,
+    wait_until,
+)
+
+from l2w_dist.launch import IMAGENET, LaunchError, StopSignals, build_parser, expand_array, launch, parse_time
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("train: {max_steps: 10}\n")
+    return path
+
+
+def _final_model(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_parse_time_slurm_formats():
+    assert parse_time("90") == 90
+    assert parse_time("1:30") == 2  # minutes:seconds, rounded up
+    assert parse_time("12:00:00") == 720
+    assert parse_time("2-00:00:00") == 2880
+    assert parse_time("1-2") == 26 * 60
+    for bad in ("", "soon", "1:2:3:4", "0"):
+        with pytest.raises(LaunchError):
+            parse_time(bad)
+
+
+def test_expand_array_sweeps_sets_and_grids():
+    assert expand_array([]) == [[]]
+    assert expand_array(["train.seed=0,1,2"]) == [["train.seed=0"], ["train.seed=1"], ["train.seed=2"]]
+    assert expand_array(["optim.lr=0.4 meta.interval=10;optim.lr=0.8"]) == [
+        ["optim.lr=0.4", "meta.interval=10"], ["optim.lr=0.8"]]
+    grid = expand_array(["train.seed=0,1", "meta.epsilon=0.3,0.8"])
+    assert len(grid) == 4 and ["train.seed=1", "meta.epsilon=0.3"] in grid
+    for bad in ("train.seed", "a=1 b=2", "x;y"):
+        with pytest.raises(LaunchError, match="--array"):
+            expand_array([bad])
+
+
+def test_cluster_must_be_explicit(capsys):
+    with pytest.raises(SystemExit):
+        build_parser(IMAGENET).parse_args(["--config", "configs/demo.yaml"])
+    assert "--cluster" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus-per-node", "2", "--tasks-per-node", "3"], "one task per GPU"),
+    (["--nodes", "2", "--gpus-per-node", "0"], "runs on this machine only"),
+    (["--time", "1", "--signal-delay", "120", "--gpus-per-node", "0"], "--signal-delay"),
+    (["--gpus-per-node", "0", "not-an-override"], "overrides are KEY=VALUE"),
+])
+def test_bad_options_fail_before_submission(tmp_path, tiny_config, argv, message):
+    args = build_parser(IMAGENET).parse_args(["--cluster", "local", "--config", str(tiny_config),
+                                              "--output", str(tmp_path / "run"), *argv])
+    with pytest.raises(LaunchError, match=message):
+        launch(args, IMAGENET)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_error_names_the_key_and_submits_nothing(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    res = run_launcher(["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config),
+                        "--output", str(out), "optim.lr=-1", "--trainer", STAND_IN])
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "optim.lr" in res.stderr and "nothing was submitted" in res.stderr
+    res = run_launcher(["--cluster", "local", "--gpus-per-node", "0", "--config", str(tiny_config),
+                        "--output", str(out), "--array", "train.sedd=0,1", "--trainer", STAND_IN])
+    assert res.returncode == 2 and "train.sedd" in res.stderr
+    res = run_launcher(["--cluster", "local", "--gpus-per-node", "0", "--config", str(tmp_path / "nope.yaml"),
+                        "--output", str(out), "--trainer", STAND_IN])
+    assert res.returncode == 2 and "nope.yaml" in res.stderr
+    assert not out.exists()
+
+
+def test_stop_signals_only_set_a_flag():
+    stop = StopSignals()
+    before = signal.getsignal(signal.SIGUSR2)
+    stop.install()
+    try:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop() and not stop.requeue_requested
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requeue_requested and stop.received == ["SIGTERM", "SIGUSR2"]
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR2) == before
+
+
+# ------------------------------------------------------------- debug and local clusters
+
+
+def test_debug_cluster_preempted_run_requeues_in_process_and_matches(tmp_path, tiny_config):
+    """USR2 mid-training: checkpoint at an iteration boundary, re-run, same final parameters."""
+    out = tmp_path / "run"
+    proc = start_launcher(["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config),
+                           "--output", str(out), "--trainer", STAND_IN, "train.max_steps=60"],
+                          log=tmp_path / "launcher.log")
+    wait_until(lambda: trace_steps(out) >= 10, 60, "10 training steps", proc=proc, log=tmp_path / "launcher.log")
+    os.kill(proc.pid, signal.SIGUSR2)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "launcher.log").read_text()
+    log = requeue_log(out)
+    assert log["requeues"] == 1
+    assert [e["event"] for e in log["events"]] == ["start", "requeued", "start", "finished"]
+    assert 10 <= log["events"][1]["step"] < 60
+    _assert_same(_final_model(out), launch_stand_in.reference_model(60, world=1))
+    assert (out / "eval.json").exists()
+    assert "finished at step 60" in (tmp_path / "launcher.log").read_text()
+
+
+def test_max_requeues_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    proc = start_launcher(["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config),
+                           "--output", str(out), "--trainer", STAND_IN, "--max-requeues", "0",
+                           "train.max_steps=400"], log=tmp_path / "launcher.log")
+    wait_until(lambda: trace_steps(out) >= 5, 60, "5 training steps", proc=proc, log=tmp_path / "launcher.log")
+    os.kill(proc.pid, signal.SIGUSR2)
+    proc.wait(timeout=60)
+    text = (tmp_path / "launcher.log").read_text()
+    assert proc.returncode != 0
+    assert "--max-requeues 0" in text
+    log = requeue_log(out)
+    assert log["events"][-1]["event"] == "gave-up"
+    step = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert step == log["events"][-1]["step"] >= 5
+
+
+def test_local_cluster_two_ranks_requeue_resumes_exactly(tmp_path, tiny_config):
+    """2 gloo ranks as local processes; USR2 to every rank (as Slurm sends it); the job
+    requeues itself (submitit's local controller restarts it) and resumes from the checkpoint."""
+    out = tmp_path / "run"
+    proc = start_launcher(["--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2",
+                           "--config", str(tiny_config), "--output", str(out), "--trainer", STAND_IN,
+                           "train.max_steps=40"], env=launcher_env(step_s=0.02), log=tmp_path / "launcher.log")
+    wait_until(lambda: trace_steps(out, 0) >= 10 and trace_steps(out, 1) >= 10, 90, "10 steps on both ranks",
+               proc=proc, log=tmp_path / "launcher.log")
+    controllers = children(proc.pid)
+    tasks = [pid for c in controllers for pid in children(c)]
+    assert len(tasks) == 2, (controllers, tasks)
+    for pid in tasks:
+        os.kill(pid, signal.SIGUSR2)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "launcher.log").read_text()
+    log = requeue_log(out)
+    assert log["requeues"] == 1, log
+    assert [e["event"] for e in log["events"]] == ["start", "requeued", "start", "finished"]
+    _assert_same(_final_model(out), launch_stand_in.reference_model(40, world=2))
+
+
+def test_array_gives_each_task_its_run_folder(tmp_path, tiny_config):
+    out = tmp_path / "sweep"
+    start = time.monotonic()
+    res = run_launcher(["--cluster", "local", "--gpus-per-node", "0", "--config", str(tiny_config),
+                        "--output", str(out), "--trainer", STAND_IN, "--seeds", "0,1", "train.max_steps=3"],
+                       env=launcher_env(step_s=0.0))
+    assert res.returncode == 0, res.stdout + res.stderr
+    dirs = sorted(p.name for p in out.iterdir() if p.name[0].isdigit())
+    assert dirs == ["0_train.seed=0", "1_train.seed=1"]
+    assert all((out / d / "eval.json").exists() for d in dirs)
+    assert res.stdout.count("finished at step 3") == 2
+    assert time.monotonic() - start < 60
