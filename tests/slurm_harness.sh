@@ -37,7 +37,11 @@ start() {
     mkdir -p /var/spool/slurmctld /var/spool/slurmd /var/log/slurm "$RUN" /etc/slurm
     chown slurm:slurm /var/spool/slurmctld /var/log/slurm
     chmod 1777 "$RUN"
-    sed "s/@HOSTNAME@/$host/g" "$HERE/slurm/slurm.conf.in" > "$CONF"
+    local cpus mem_mb
+    cpus="$(nproc)"
+    mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
+    sed -e "s/@HOSTNAME@/$host/g" -e "s/@CPUS@/$cpus/g" -e "s/@MEMORY_MB@/$mem_mb/g" \
+        "$HERE/slurm/slurm.conf.in" > "$CONF"
     # A previous run's saved state (jobs, node state) would only get in the way.
     rm -rf /var/spool/slurmctld/* /var/spool/slurmd/*
     /usr/sbin/slurmctld
