@@ -64,7 +64,7 @@ class MetaConfig:
     constraint: Literal["mat", "col", "row"] = "col"
     input: Literal["loss", "conf", "both"] = "loss"
     target_p_index: int = 15
-    hypergrad: Literal["jvp", "autograd", "finite_difference"] = "jvp"
+    hypergrad: Literal["jvp", "autograd"] = "jvp"
     sync: Literal["global", "local"] = "global"
     real_weights: Literal["updated", "pre_update"] = "updated"
     interval: int = 1

@@ -9,7 +9,6 @@ checkpoint of the run folder if there is one.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -83,7 +82,8 @@ class TrainingJob:
             self.data_spec, batch_size=self.per_rank_batch, rank=env.rank, world_size=env.world_size,
             num_workers=cfg.data.num_workers, transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size),
             seed=tc.seed, channels_last=tc.channels_last, pin_memory=self.device.type == "cuda",
-            max_bad_fraction=cfg.data.max_bad_fraction)
+            max_bad_fraction=cfg.data.max_bad_fraction,
+            include_holdout=cfg.data.calibration == "train_augmented")  # the released code trains on all
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = max(1, math.ceil(tc.epochs * self.steps_per_epoch))  # the schedule's length
         self.stop_step = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
@@ -112,8 +112,8 @@ class TrainingJob:
         tic, seen = time.perf_counter(), 0
         while self.step < self.stop_step:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
-            self.train_loader.set_epoch(epoch)
-            for x, y in itertools.islice(iter(self.train_loader), offset, None):  # resume mid-epoch exactly
+            self.train_loader.set_epoch(epoch, start_batch=offset)  # resume mid-epoch exactly
+            for x, y in self.train_loader:
                 stats = self.train_step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 self.step += 1
                 self.scheduler.step_update(self.step)
@@ -152,8 +152,8 @@ class TrainingJob:
         with self._autocast():
             if self.cfg.meta.enabled:
                 stats = l2w_iteration(self.backend.model, self.weight_net, self.backend.update,
-                                      self.meta_optimizer, batch=(x, y), cfg=self.l2w_cfg,
-                                      do_meta=self.step % self.cfg.meta.interval == 0)
+                                      self.meta_optimizer, x, y, cfg=self.l2w_cfg, step=self.step,
+                                      meta_interval=self.cfg.meta.interval)
             else:
                 stats = self.plain_step(x, y)
         if self.ema is not None:

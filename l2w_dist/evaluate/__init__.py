@@ -1,0 +1,45 @@
+"""Evaluation of multi-exit networks: anytime and budgeted-batch (accuracy vs FLOPs), eval.json, plots.
+
+    logits, labels = collect_logits(model, loader, device)       # [K, N, C], [N]
+    rows = anytime(logits, labels, model.exit_flops)
+    curve = budgeted(h_logits, h_labels, logits, labels, model.exit_flops)
+    write_eval_json(run_dir / "eval.json", rows, curve)
+    plot_curves({"L2W": load_eval_json(run_dir)}, run_dir / "curve.png")
+"""
+
+from .collect import collect_logits
+from .metrics import (
+    DEFAULT_PS,
+    BudgetedDetails,
+    anytime,
+    budgeted,
+    budgeted_details,
+    confidence_and_prediction,
+    exit_assignment,
+    find_thresholds,
+    target_counts,
+    target_proportions,
+)
+from .plots import plot_curves
+from .references import REFERENCES, load_reference
+from .results import evaluate_model, load_eval_json, write_eval_json
+
+__all__ = [
+    "DEFAULT_PS",
+    "REFERENCES",
+    "BudgetedDetails",
+    "anytime",
+    "budgeted",
+    "budgeted_details",
+    "collect_logits",
+    "confidence_and_prediction",
+    "evaluate_model",
+    "exit_assignment",
+    "find_thresholds",
+    "load_eval_json",
+    "load_reference",
+    "plot_curves",
+    "target_counts",
+    "target_proportions",
+    "write_eval_json",
+]

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+FLOP_CONVENTIONS = ("macs", "op_counter")
+
 
 class MultiExitModel(nn.Module):
     """Base class for multi-exit networks.
@@ -15,12 +17,18 @@ class MultiExitModel(nn.Module):
     list their exit heads in ``self.exit_heads`` (an ``nn.ModuleList``, one per exit), so
     that the per-exit FLOPs can be counted: the cumulative cost of everything computed up
     to the moment the head of exit k has produced its logits, for one image.
+
+    ``flop_convention`` says what is counted (see :func:`count_exit_flops`): ``"macs"``
+    (multiply-adds of convolutions and matrix products, the default) or ``"op_counter"``
+    (additionally the element operations the MSDNet/RANet papers' ``op_counter.py``
+    counts, so that the figures are comparable with theirs).
     """
 
     num_exits: int
     num_classes: int
     input_size: tuple[int, int, int]
     exit_heads: nn.ModuleList
+    flop_convention: str = "macs"
 
     @property
     def exit_flops(self) -> list[float]:
@@ -32,24 +40,63 @@ class MultiExitModel(nn.Module):
         return list(cached)
 
 
+def _op_counter_extra(module: nn.Module, out: torch.Tensor) -> int:
+    """Operations the official MSDNet/RANet ``op_counter.py`` adds on top of conv/linear
+    multiply-adds: one per ReLU output element, ``k*k`` per pooled output element, one per
+    element of an adaptive-average-pool input (added after the forward, from shapes only),
+    one per linear bias add. Returns 0 for every other module."""
+    if isinstance(module, nn.ReLU):
+        return out.numel()
+    if isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
+        k = module.kernel_size
+        kh, kw = (k, k) if isinstance(k, int) else k
+        return out.numel() * kh * kw
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        return out.numel()
+    return 0
+
+
 def count_exit_flops(model: MultiExitModel, input_size: tuple[int, ...]) -> list[float]:
     """Count cumulative multiply-adds at each exit head with ``torch.utils.flop_counter``.
 
     FlopCounterMode counts 2 FLOPs per multiply-add of convolutions and matrix products;
     the MSDNet/RANet papers report multiply-adds, hence the halving. A forward hook on
     each exit head reads the running total when that head finishes.
+
+    With ``model.flop_convention == "op_counter"`` forward hooks on ReLU, pooling and
+    linear modules add the extra element operations of the papers' counter (see
+    :func:`_op_counter_extra`); adaptive average pooling adds one per input element.
+    Convolution biases are not counted, as in that counter.
     """
+    convention = getattr(model, "flop_convention", "macs")
+    if convention not in FLOP_CONVENTIONS:
+        raise ValueError(f"unknown flop_convention {convention!r}; allowed values: {list(FLOP_CONVENTIONS)}")
     was_training = model.training
     model.eval()
     totals: list[float | None] = [None] * len(model.exit_heads)
+    extra = [0]
     counter = FlopCounterMode(display=False)
     handles = []
     for k, head in enumerate(model.exit_heads):
 
         def hook(_mod, _inp, _out, k=k):
-            totals[k] = counter.get_total_flops() / 2
+            totals[k] = counter.get_total_flops() / 2 + extra[0]
 
         handles.append(head.register_forward_hook(hook))
+    if convention == "op_counter":
+        for mod in model.modules():
+            if isinstance(mod, nn.AdaptiveAvgPool2d):
+
+                def pool_hook(_mod, inp, _out):
+                    extra[0] += inp[0].numel()
+
+                handles.append(mod.register_forward_hook(pool_hook))
+            elif isinstance(mod, (nn.ReLU, nn.AvgPool2d, nn.MaxPool2d, nn.Linear)):
+
+                def extra_hook(mod, _inp, out):
+                    extra[0] += _op_counter_extra(mod, out)
+
+                handles.append(mod.register_forward_hook(extra_hook))
     try:
         param = next(model.parameters())
         x = torch.zeros(1, *input_size, dtype=param.dtype, device=param.device)

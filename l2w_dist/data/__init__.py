@@ -1,0 +1,31 @@
+"""Data: WebDataset shards (writer + sidecar), streaming train/eval loaders, transforms, the
+clean held-out split, and the embedded Fashion-MNIST default. See docs/data.md."""
+
+from .fashion_mnist import prepare_fashion_mnist
+from .loader import (
+    BadDataError,
+    BadDataGuard,
+    EvalLoader,
+    TrainLoader,
+    build_eval_loader,
+    build_train_loader,
+    load_spec,
+)
+from .shards import holdout_keys, write_shards
+from .transforms import DATASET_INFO, DatasetInfo, build_transforms
+
+__all__ = [
+    "DATASET_INFO",
+    "BadDataError",
+    "BadDataGuard",
+    "DatasetInfo",
+    "EvalLoader",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "build_transforms",
+    "holdout_keys",
+    "load_spec",
+    "prepare_fashion_mnist",
+    "write_shards",
+]

@@ -1,0 +1,45 @@
+"""The L2W-DEN algorithm (DESIGN §2), free of distribution backends, logging and I/O.
+
+Entry points: ``L2WConfig``, ``WeightNet``, ``l2w_half_step``, ``l2w_iteration``.
+"""
+
+from .allocation import allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
+from .collectives import Collectives, LocalCollectives, TorchCollectives, default_collectives
+from .l2w import (
+    L2WConfig,
+    l2w_half_step,
+    l2w_iteration,
+    max_confidence,
+    per_sample_ce,
+    unwrap_model,
+    weighted_loss,
+)
+from .update import ParamOptState, RealUpdate, TorchOptimizerUpdate
+from .virtual_step import step_derivative, virtual_step
+from .weight_net import WeightNet, normalize_weights, wpn_features
+
+__all__ = [
+    "L2WConfig",
+    "WeightNet",
+    "l2w_half_step",
+    "l2w_iteration",
+    "target_proportions",
+    "exit_counts",
+    "allocate_exits",
+    "meta_loss_from_allocation",
+    "normalize_weights",
+    "wpn_features",
+    "per_sample_ce",
+    "max_confidence",
+    "weighted_loss",
+    "unwrap_model",
+    "virtual_step",
+    "step_derivative",
+    "ParamOptState",
+    "RealUpdate",
+    "TorchOptimizerUpdate",
+    "Collectives",
+    "LocalCollectives",
+    "TorchCollectives",
+    "default_collectives",
+]

@@ -1,0 +1,98 @@
+"""The few collectives the L2W step needs, passed in as an object (DESIGN §3: meta/ never
+imports a distribution backend; it receives what it needs).
+
+``LocalCollectives`` is a single process. ``TorchCollectives`` uses plain
+``torch.distributed`` calls on a process group; its ``all_reduce_sum`` is autograd-aware
+(the backward all-reduces the incoming gradient), which is what the ``autograd``
+hypergradient engine needs under global sync.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@runtime_checkable
+class Collectives(Protocol):
+    world_size: int
+    rank: int
+
+    def all_reduce_sum_(self, tensor: Tensor) -> Tensor:
+        """Sum over ranks in place (no autograd); returns ``tensor``."""
+        ...
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Out-of-place sum over ranks that autograd differentiates (backward: sum of grads)."""
+        ...
+
+    def all_gather_cat(self, tensor: Tensor) -> Tensor:
+        """Concatenate every rank's ``tensor`` along dim 0 in rank order (equal sizes)."""
+        ...
+
+
+class LocalCollectives:
+    """One process: every collective is the identity."""
+
+    world_size = 1
+    rank = 0
+
+    def all_reduce_sum_(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def all_gather_cat(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum_r x_r on every rank; dM/dx_r = sum_r' dM/dy_r' (each rank's loss is its share of M)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+class TorchCollectives:
+    """Plain ``torch.distributed`` collectives on ``group`` (default: the world)."""
+
+    def __init__(self, group=None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("TorchCollectives needs an initialised torch.distributed process group")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def all_reduce_sum_(self, tensor: Tensor) -> Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return _AllReduceSum.apply(tensor, self.group)
+
+    def all_gather_cat(self, tensor: Tensor) -> Tensor:
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor, group=self.group)
+        return torch.cat(parts, dim=0)
+
+
+def default_collectives() -> Collectives:
+    """TorchCollectives on the world group when one with more than one rank exists, else local."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchCollectives()
+    return LocalCollectives()

@@ -1,0 +1,384 @@
+"""One L2W-DEN iteration (DESIGN §2) — read this file to understand the algorithm.
+
+An iteration splits the loader batch into halves X1, X2 and runs two *half steps*,
+(train, meta) = (X1, X2) then (X2, X1). A half step:
+
+1. **Shared train forward** at θ through the (possibly DDP / DeepSpeed) model: per-sample
+   per-exit cross-entropy ``l[i,k]`` (label smoothing applied) and confidences.
+2. **Meta step** (when ``do_meta``): weights ``w = 1 + ε(g_φ(l) - mean)``; pseudo-gradient
+   ``g = ∇θ Σ_k mean_i w[i,k] l[i,k]``; virtual step ``θ' = step(θ, g)`` of the *real*
+   optimizer (its lr, momentum / Adam moments); meta loss on the meta half at θ' with the
+   test-time-like exit allocation; gradient to φ through θ'; ``meta_optimizer.step()``.
+   Two engines compute that gradient:
+   - ``jvp`` (default): ``∂meta/∂w[i,k] = ⟨D·u, ∇θ l[i,k]⟩ / B`` with ``u = ∇θ' meta`` and
+     ``D = ∂θ'/∂g`` (diagonal): ONE forward-mode JVP of the train-half forward along D·u
+     gives all B×K products; then one backward through the weight net. No double backward.
+   - ``autograd``: the reference: ``create_graph=True`` through the virtual step.
+3. **Real update**: weights from the *updated* weight net (``real_weights="updated"``) on the
+   same train forward (re-used: θ did not change), backward through the wrapper (so DDP /
+   DeepSpeed synchronise), ``optimizer.step()``. ``"pre_update"`` instead steps with the
+   pseudo-step gradient (weights before the meta step): one backward fewer.
+
+Distributed (``sync="global"``, the default when a process group has >1 rank): the
+pseudo-gradient is the global-batch mean, ``mat``/``row`` means are global, the exit
+allocation is decided on the gathered meta-batch confidences, the meta loss is normalised by
+global counts, u is all-reduced before the JVP and the weight-net gradient is summed over
+ranks — N ranks compute what one process computes on the concatenated batch.
+``sync="local"`` is the released per-GPU behaviour (weight-net gradient averaged over ranks).
+The virtual forwards use ``functional_call`` on the one model with scratch copies of its
+buffers, so BatchNorm running statistics change exactly as in one plain step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import forward_ad as fwAD
+from torch.func import functional_call
+
+from .allocation import allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
+from .collectives import Collectives, default_collectives
+from .update import RealUpdate, TorchOptimizerUpdate
+from .virtual_step import step_derivative, virtual_step
+from .weight_net import CONSTRAINTS, WPN_INPUTS, normalize_weights, wpn_features
+
+HYPERGRADS = ("jvp", "autograd")
+SYNCS = ("global", "local")
+REAL_WEIGHTS = ("updated", "pre_update")
+
+
+@dataclass
+class L2WConfig:
+    """What the L2W step does; paper settings: ImageNet ε=0.3 ``mat``, CIFAR ε=0.8 ``col``."""
+
+    epsilon: float = 0.3
+    constraint: str = "mat"  # mat | col | row
+    input: str = "loss"  # loss | conf | both
+    target_p_index: int = 15  # p = target_p_index / 20
+    hypergrad: str = "jvp"  # jvp | autograd
+    sync: str = "global"  # global | local
+    real_weights: str = "updated"  # updated | pre_update
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field, value, allowed in (
+            ("constraint", self.constraint, CONSTRAINTS),
+            ("input", self.input, WPN_INPUTS),
+            ("hypergrad", self.hypergrad, HYPERGRADS),
+            ("sync", self.sync, SYNCS),
+            ("real_weights", self.real_weights, REAL_WEIGHTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"L2WConfig.{field}={value!r} is not one of {allowed}")
+        if not (isinstance(self.epsilon, (int, float)) and self.epsilon >= 0):
+            raise ValueError(f"L2WConfig.epsilon={self.epsilon!r} must be a number >= 0")
+        if not (isinstance(self.target_p_index, int) and 1 <= self.target_p_index <= 39):
+            raise ValueError(f"L2WConfig.target_p_index={self.target_p_index!r} must be an int in 1..39")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
+            raise ValueError(f"L2WConfig.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+
+    @property
+    def p(self) -> float:
+        return self.target_p_index / 20
+
+
+def l2w_half_step(
+    model: nn.Module,
+    weight_net: nn.Module,
+    optimizer: torch.optim.Optimizer | RealUpdate,
+    meta_optimizer: torch.optim.Optimizer,
+    train: tuple[Tensor, Tensor],
+    meta: tuple[Tensor, Tensor],
+    cfg: L2WConfig,
+    do_meta: bool = True,
+    collectives: Collectives | None = None,
+) -> dict[str, float]:
+    """DESIGN §2 steps 1-2 for one (train, meta) pair; returns plain floats (one host sync).
+
+    Keys: ``loss`` (weighted train loss of the real update), ``meta_loss`` (global under
+    global sync; NaN when ``do_meta`` is False), ``ce/k``, ``w_mean/k``, ``w_std/k``,
+    ``w_min/k``, ``w_max/k`` (weights of the real update) and ``alloc/k`` (meta-batch
+    allocation counts, global under global sync), k = 0..K-1.
+    """
+    real = optimizer if isinstance(optimizer, RealUpdate) else TorchOptimizerUpdate(optimizer)
+    coll = collectives if collectives is not None else default_collectives()
+    world = coll.world_size
+    global_sync = cfg.sync == "global" and world > 1
+    norm_coll = coll if global_sync else None
+    module = unwrap_model(model)
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    x_tr, y_tr = train
+    pre_update = do_meta and cfg.real_weights == "pre_update"
+    if pre_update and not hasattr(real, "step_with_grads"):
+        raise ValueError(
+            f"real_weights='pre_update' needs a RealUpdate with step_with_grads(); {type(real).__name__} "
+            "has none (use real_weights='updated')"
+        )
+
+    # 1. Shared train forward at θ, through the wrapper (DDP broadcasts buffers, hooks grads).
+    no_sync = getattr(model, "no_sync", None) if pre_update else None
+    with no_sync() if no_sync is not None else contextlib.nullcontext():
+        logits = list(model(x_tr))
+    ce = per_sample_ce(logits, y_tr, cfg.label_smoothing)
+    features = wpn_features(ce, max_confidence(logits), cfg.input)
+    num_exits = ce.shape[1]
+
+    meta_loss = torch.full((), float("nan"), dtype=ce.dtype, device=ce.device)
+    alloc = torch.zeros(num_exits, dtype=ce.dtype, device=ce.device)
+    if do_meta:
+        # 2. Meta step: hypergradient to φ through the virtual step, then meta_optimizer.step().
+        states = real.virtual_state(params)
+        scores = weight_net(features)
+        weights = normalize_weights(scores, cfg.epsilon, cfg.constraint, norm_coll)
+        engine = _jvp_meta_grad if cfg.hypergrad == "jvp" else _autograd_meta_grad
+        meta_optimizer.zero_grad(set_to_none=True)
+        pseudo_grads, meta_loss, alloc = engine(
+            module, params, states, ce, weights, x_tr, y_tr, meta, cfg, coll, global_sync, weight_net
+        )
+        _reduce_weight_net_grads(weight_net, coll, global_sync)
+        meta_optimizer.step()
+
+    # 3. Real update with weights from the updated weight net, re-using the train forward.
+    if pre_update:
+        with torch.no_grad():
+            weights = normalize_weights(weight_net(features), cfg.epsilon, cfg.constraint, norm_coll)
+        grads = pseudo_grads
+        if not global_sync and world > 1:  # local sync: the real step still uses the global mean
+            grads = _all_reduce_mean(grads, coll)
+        real.step_with_grads(grads, params)  # type: ignore[attr-defined]
+        loss = weighted_loss(ce.detach(), weights)
+    else:
+        with torch.no_grad():
+            weights = normalize_weights(weight_net(features), cfg.epsilon, cfg.constraint, norm_coll)
+        loss = weighted_loss(ce, weights)
+        real.zero_grad()
+        real.backward(loss)
+        real.step()
+    return _stats(loss.detach(), meta_loss.detach(), ce.detach(), weights.detach(), alloc)
+
+
+def l2w_iteration(
+    model: nn.Module,
+    weight_net: nn.Module,
+    optimizer: torch.optim.Optimizer | RealUpdate,
+    meta_optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    cfg: L2WConfig,
+    step: int = 0,
+    meta_interval: int = 1,
+    collectives: Collectives | None = None,
+) -> dict[str, float]:
+    """Both half steps of one loader batch: (X1, X2) then (X2, X1); stats averaged over the two."""
+    if meta_interval < 1:
+        raise ValueError(f"meta_interval={meta_interval} must be >= 1")
+    half = x.shape[0] // 2
+    if half == 0 or x.shape[0] != 2 * half:
+        raise ValueError(f"l2w_iteration needs an even batch size >= 2, got {x.shape[0]}")
+    first, second = (x[:half], y[:half]), (x[half:], y[half:])
+    do_meta = step % meta_interval == 0
+    kw = dict(cfg=cfg, do_meta=do_meta, collectives=collectives)
+    a = l2w_half_step(model, weight_net, optimizer, meta_optimizer, train=first, meta=second, **kw)
+    b = l2w_half_step(model, weight_net, optimizer, meta_optimizer, train=second, meta=first, **kw)
+    return {key: (a[key] + b[key]) / 2 for key in a}
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def _jvp_meta_grad(module, params, states, ce, weights, x_tr, y_tr, meta, cfg, coll, global_sync, weight_net):
+    """Forward-mode hypergradient; leaves φ.grad holding this rank's share of ∂meta/∂φ."""
+    batch = ce.shape[0] * (coll.world_size if global_sync else 1)
+    loss = weighted_loss(ce, weights.detach())
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True)))
+    if global_sync:
+        grads = _all_reduce_mean(grads, coll)
+    with torch.no_grad():
+        theta = virtual_step({n: p.detach() for n, p in params.items()}, grads, states)
+    theta = {n: t.requires_grad_() for n, t in theta.items()}
+    meta_loss, alloc = _meta_loss(module, theta, meta, cfg, coll, global_sync)
+    u = dict(zip(theta, torch.autograd.grad(meta_loss, list(theta.values()))))
+    meta_loss = meta_loss.detach()
+    if global_sync:  # u of the global meta loss; the meta loss value rides along
+        flat = coll.all_reduce_sum_(torch.cat([t.reshape(-1) for t in u.values()] + [meta_loss.reshape(1)]))
+        u, meta_loss = _unflatten(flat[:-1], u), flat[-1]
+    scale = step_derivative(grads, states)
+    tangent = {n: scale[n] * u[n] for n in params}
+    buffers = _scratch_buffers(module)
+    try:  # plain forward-AD API: BatchNorm may update the scratch buffers in place
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p.detach(), tangent[n]) for n, p in params.items()}
+            out = functional_call(module, (duals, buffers), (x_tr,))
+            dots = fwAD.unpack_dual(per_sample_ce(list(out), y_tr, cfg.label_smoothing)).tangent
+    except (RuntimeError, NotImplementedError) as err:
+        raise _forward_ad_error(err) from err
+    if dots is None:  # the loss does not depend on θ along the tangent (e.g. u = 0)
+        dots = torch.zeros_like(ce)
+    torch.autograd.backward(weights, dots / batch)
+    return grads, meta_loss, alloc
+
+
+def _autograd_meta_grad(
+    module, params, states, ce, weights, x_tr, y_tr, meta, cfg, coll, global_sync, weight_net
+):
+    """Reference engine: double backward through the virtual step (autograd-aware all-reduces)."""
+    loss = weighted_loss(ce, weights)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True)))
+    if global_sync:
+        flat = coll.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads.values()])) / coll.world_size
+        grads = _unflatten(flat, grads)
+    theta = virtual_step(params, grads, states)
+    meta_loss, alloc = _meta_loss(module, theta, meta, cfg, coll, global_sync)
+    phi = [p for p in weight_net.parameters() if p.requires_grad]
+    for p, g in zip(phi, torch.autograd.grad(meta_loss, phi, retain_graph=True)):
+        p.grad = g
+    meta_loss = meta_loss.detach()
+    if global_sync:
+        meta_loss = coll.all_reduce_sum_(meta_loss.clone())
+    return {n: g.detach() for n, g in grads.items()}, meta_loss, alloc
+
+
+def _meta_loss(module, theta, meta, cfg, coll, global_sync):
+    """This rank's share of the meta loss at θ' (global counts), and the allocation counts."""
+    x_me, y_me = meta
+    logits = list(functional_call(module, (theta, _scratch_buffers(module)), (x_me,)))
+    ce = per_sample_ce(logits, y_me, 0.0)
+    conf = max_confidence(logits)
+    q = target_proportions(ce.shape[1], cfg.p)
+    if global_sync:  # decide on the concatenated meta batch (confidences only), keep our slice
+        all_conf = coll.all_gather_cat(conf)
+        start = coll.rank * conf.shape[0]
+        exit_of = allocate_exits(all_conf, q)[start : start + conf.shape[0]]
+        counts = exit_counts(all_conf.shape[0], q)
+    else:
+        exit_of = allocate_exits(conf, q)
+        counts = exit_counts(conf.shape[0], q)
+    alloc = torch.tensor(counts, dtype=ce.dtype, device=ce.device)
+    return meta_loss_from_allocation(ce, exit_of, counts), alloc
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def per_sample_ce(logits: list[Tensor], targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """``[B, K]`` cross-entropy of every sample at every exit (computed in float32 at least)."""
+    return torch.stack(
+        [
+            F.cross_entropy(_upcast(z), targets, reduction="none", label_smoothing=label_smoothing)
+            for z in logits
+        ],
+        dim=1,
+    )
+
+
+def max_confidence(logits: list[Tensor]) -> Tensor:
+    """``[B, K]`` max-softmax confidence per exit (detached)."""
+    return torch.stack([F.softmax(_upcast(z.detach()), dim=1).amax(dim=1) for z in logits], dim=1)
+
+
+def weighted_loss(ce: Tensor, weights: Tensor) -> Tensor:
+    """``L(θ, w) = Σ_k mean_i w[i,k] l[i,k]`` (this rank's batch)."""
+    return (weights * ce).sum() / ce.shape[0]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / DataParallel / DeepSpeed / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "DeepSpeedEngine":
+            model = model.module
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _upcast(z: Tensor) -> Tensor:
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def _scratch_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of the buffers: virtual forwards in train mode update these, never the model's."""
+    return {n: b.clone() for n, b in module.named_buffers()}
+
+
+def _unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    out, offset = {}, 0
+    for n, t in like.items():
+        out[n] = flat[offset : offset + t.numel()].view_as(t)
+        offset += t.numel()
+    return out
+
+
+def _all_reduce_mean(tensors: dict[str, Tensor], coll: Collectives) -> dict[str, Tensor]:
+    flat = coll.all_reduce_sum_(torch.cat([t.detach().reshape(-1) for t in tensors.values()]))
+    return _unflatten(flat / coll.world_size, tensors)
+
+
+def _reduce_weight_net_grads(weight_net: nn.Module, coll: Collectives, global_sync: bool) -> None:
+    """Global sync: sum the ranks' shares of ∂meta/∂φ. Local: average (as a DDP weight net would)."""
+    if coll.world_size == 1:
+        return
+    params = [p for p in weight_net.parameters() if p.grad is not None]
+    if not params:
+        return
+    flat = coll.all_reduce_sum_(torch.cat([p.grad.reshape(-1) for p in params]))
+    if not global_sync:
+        flat /= coll.world_size
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _forward_ad_error(err: Exception) -> Exception:
+    """Re-raise a forward-AD failure naming the op (aten op or custom Function) and the module."""
+    text = str(err)
+    if "forward" not in text.lower() and "jvp" not in text.lower():
+        return err
+    match = re.search(r"forward AD with (\S+)", text)
+    op, module = (match.group(1) if match else None), None
+    tb = err.__traceback__
+    while tb is not None:  # innermost custom autograd.Function and nn.Module on the stack
+        local = tb.tb_frame.f_locals
+        cls = local.get("cls") or getattr(local.get("ctx"), "_forward_cls", None)
+        if op is None and isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            op = f"custom autograd.Function {cls.__name__}"
+        if isinstance(local.get("self"), nn.Module):
+            module = type(local["self"]).__name__
+        tb = tb.tb_next
+    where = f" (in module {module})" if module else ""
+    return NotImplementedError(
+        f"hypergrad='jvp' needs forward-mode AD through the model, but {op or 'an op'}{where} does not "
+        f"support it: {text.strip().splitlines()[0]} Use L2WConfig(hypergrad='autograd') for this model."
+    )
+
+
+def _stats(loss, meta_loss, ce, weights, alloc) -> dict[str, float]:
+    k = ce.shape[1]
+    w = weights.to(ce.dtype)
+    rows = [
+        loss.reshape(1).to(ce.dtype),
+        meta_loss.reshape(1).to(ce.dtype),
+        ce.mean(0),
+        w.mean(0),
+        w.std(0, unbiased=False),
+        w.amin(0),
+        w.amax(0),
+        alloc.to(ce.dtype),
+    ]
+    values = torch.cat(rows).tolist()  # the one host sync of the stats
+    out = {"loss": values[0], "meta_loss": values[1]}
+    for j, name in enumerate(("ce", "w_mean", "w_std", "w_min", "w_max", "alloc")):
+        for e in range(k):
+            out[f"{name}/{e}"] = values[2 + j * k + e]
+    return out
+
+
+

@@ -1,0 +1,93 @@
+"""The virtual (pseudo) optimizer step θ' = step(θ, g) read from the real optimizer's state,
+and its derivative ∂θ'/∂g, which the forward-mode hypergradient folds into its tangent.
+
+Both follow ``torch.optim.SGD`` and ``torch.optim.AdamW`` exactly (single-tensor
+semantics), for one step taken *from* the current state without modifying it.
+
+SGD:   d = g + wd·θ;  buf' = d (no buffer yet) or m·buf + (1-damp)·d;
+       θ' = θ - lr·(d + m·buf') (nesterov) or θ - lr·buf' (momentum) or θ - lr·d.
+       ∂θ'/∂g = -lr·k, k = 1 before a buffer exists and (1-damp) after; nesterov -lr·(1+m·k);
+       no momentum: -lr.
+AdamW: t = step+1; m' = β1 m + (1-β1) g; v' = β2 v + (1-β2) g²;
+       θ' = θ(1 - lr·wd) - (lr/bc1)·m'/den,  den = sqrt(v')/sqrt(bc2) + eps.
+       ∂θ'/∂g = -(lr/bc1)·[(1-β1)/den - m'·(1-β2)·g / (den²·sqrt(v')·sqrt(bc2))]  (elementwise;
+       the second term is 0 where v' = 0, i.e. where g = 0 and v = 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .update import ParamOptState
+
+
+def virtual_step(
+    params: dict[str, Tensor], grads: dict[str, Tensor], states: dict[str, ParamOptState]
+) -> dict[str, Tensor]:
+    """θ' for every named parameter; differentiable in ``grads`` (and ``params``) when they carry graphs."""
+    out: dict[str, Tensor] = {}
+    for name, p in params.items():
+        s, g = states[name], grads[name]
+        if s.kind == "sgd":
+            d = g if s.weight_decay == 0 else g + s.weight_decay * p
+            if s.momentum != 0:
+                if s.momentum_buffer is None:
+                    buf = d
+                else:
+                    buf = s.momentum * s.momentum_buffer + (1 - s.dampening) * d
+                d = d + s.momentum * buf if s.nesterov else buf
+            out[name] = p - s.lr * d
+        elif s.kind == "adamw":
+            m, v, bc1, bc2 = _adam_moments(s, g)
+            den = safe_sqrt(v) / math.sqrt(bc2) + s.eps
+            out[name] = p * (1 - s.lr * s.weight_decay) - (s.lr / bc1) * m / den
+        else:
+            raise ValueError(f"optimizer kind {s.kind!r} is not one of ('sgd', 'adamw')")
+    return out
+
+
+def step_derivative(grads: dict[str, Tensor], states: dict[str, ParamOptState]) -> dict[str, Tensor | float]:
+    """The diagonal ∂θ'/∂g per parameter: a float for SGD, a tensor for AdamW (no graph)."""
+    out: dict[str, Tensor | float] = {}
+    for name, g in grads.items():
+        s = states[name]
+        if s.kind == "sgd":
+            if s.momentum == 0:
+                out[name] = -s.lr
+                continue
+            k = 1.0 if s.momentum_buffer is None else 1.0 - s.dampening
+            out[name] = -s.lr * (1.0 + s.momentum * k) if s.nesterov else -s.lr * k
+        elif s.kind == "adamw":
+            b1, b2 = s.betas
+            with torch.no_grad():
+                m, v, bc1, bc2 = _adam_moments(s, g)
+                sq = v.sqrt()
+                den = sq / math.sqrt(bc2) + s.eps
+                safe_sq = sq.clamp_min(torch.finfo(sq.dtype).tiny)
+                second = m * (1 - b2) * g / (den * den * safe_sq * math.sqrt(bc2))
+                second = torch.where(sq > 0, second, torch.zeros_like(second))
+                out[name] = -(s.lr / bc1) * ((1 - b1) / den - second)
+        else:
+            raise ValueError(f"optimizer kind {s.kind!r} is not one of ('sgd', 'adamw')")
+    return out
+
+
+def safe_sqrt(v: Tensor) -> Tensor:
+    """sqrt whose derivative at 0 is 0 instead of inf.
+
+    Where v' = 0 the gradient is 0 (and m' = 0), so the exact derivative of m'/den is
+    (1-β1)/den; plain ``sqrt`` would give 0·inf = NaN in the double-backward engine.
+    """
+    positive = v > 0
+    return torch.where(positive, v.clamp_min(torch.finfo(v.dtype).tiny).sqrt(), torch.zeros_like(v))
+
+
+def _adam_moments(s: ParamOptState, g: Tensor) -> tuple[Tensor, Tensor, float, float]:
+    b1, b2 = s.betas
+    t = s.step + 1
+    m = (1 - b1) * g if s.exp_avg is None else b1 * s.exp_avg + (1 - b1) * g
+    v = (1 - b2) * g * g if s.exp_avg_sq is None else b2 * s.exp_avg_sq + (1 - b2) * g * g
+    return m, v, 1 - b1**t, 1 - b2**t

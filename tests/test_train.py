@@ -1,0 +1,148 @@
+"""The training job end to end on a tiny synthetic data set: exact resume, NaN handling,
+config errors, W&B offline logging, eval.json and l2w-eval."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from l2w_dist.data import write_shards
+from l2w_dist.engine.checkpoint import load_checkpoint
+from l2w_dist.engine.trainer import NonFiniteLossError
+from l2w_dist.train import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory) -> str:
+    """256 training, 64 held-out, 64 test images of 4 classes, each class a different colour + noise."""
+    folder = tmp_path_factory.mktemp("tiny_data")
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, NUM_CLASSES, n)
+        base = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]])[y]
+        x = base[:, None, None, :] + rng.normal(0, 40, (n, 32, 32, 3))
+        return np.clip(x, 0, 255).astype(np.uint8), y
+
+    (tx, ty), (vx, vy) = make(320), make(64)
+    np.savez(folder / "tiny.npz", train_x=tx, train_y=ty, test_x=vx, test_y=vy)
+    sidecar = write_shards("numpy", folder / "tiny.npz", folder / "tiny", maxcount=100, holdout=64, progress=False)
+    return str(sidecar)
+
+
+def overrides(spec: str, **extra) -> list[str]:
+    base = {
+        "model.name": "msdnet_cifar",
+        "model.options": f"{{num_classes: {NUM_CLASSES}, num_blocks: 3, channels: 4, growth_rate: 2}}",
+        "data.dataset": "cifar",
+        "data.spec": spec,
+        "data.num_workers": 0,
+        "data.eval_batch_size": 64,
+        "meta.hidden": 16,
+        "optim.lr": 0.05,
+        "train.batch_size": 16,
+        "train.epochs": 2,
+        "train.log_every": 1,
+        "eval.every_epochs": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def final_state(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+        elif isinstance(a[key], dict):
+            assert_same_tensors(a[key], b[key], f"{what}.{key}")
+
+
+@pytest.mark.parametrize("meta_enabled", [True, False], ids=["l2w", "baseline"])
+def test_resume_is_bit_exact(tmp_path, tiny_spec, meta_enabled):
+    """Stopped at step s and resumed to 2s = uninterrupted to 2s, bit for bit (mid-epoch stop)."""
+    common = overrides(tiny_spec, **{"meta.enabled": meta_enabled, "eval.enabled": False})
+    straight = run_training(None, tmp_path / "straight", [*common, "train.max_steps=10"])
+    assert straight == {"status": "finished", "step": 10, "run_dir": str(tmp_path / "straight")}
+    first = run_training(None, tmp_path / "resumed", [*common, "train.max_steps=5"])
+    assert first["step"] == 5 and final_state(tmp_path / "resumed")["step"] == 5
+    second = run_training(None, tmp_path / "resumed", [*common, "train.max_steps=10"])
+    assert second["step"] == 10
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    for part in ("model", "weight_net", "optimizer", "meta_optimizer"):
+        assert_same_tensors(a[part], b[part], part)
+    assert a["scheduler"] == b["scheduler"]
+    # The parameters did move (the comparison is not between two untouched models).
+    init = run_training(None, tmp_path / "zero", [*common, "train.max_steps=1"])
+    assert init["step"] == 1
+    moved = final_state(tmp_path / "zero")["model"]
+    assert any(not torch.equal(moved[k], a["model"][k]) for k in moved if moved[k].is_floating_point())
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_spec):
+    run_dir = tmp_path / "run"
+    run_training(None, run_dir, overrides(tiny_spec, **{"train.max_steps": 2, "eval.enabled": False}))
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf).*last good checkpoint is .*last\.pt"):
+        run_training(None, run_dir, overrides(tiny_spec, **{"train.max_steps": 6, "eval.enabled": False,
+                                                            "optim.lr": 1e30}))
+    state = final_state(run_dir)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_cli_rejects_bad_config_before_running(tmp_path):
+    out = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, "-m", "l2w_dist.train", "--config", str(ROOT / "configs/demo.yaml"), "--output", str(out),
+         "optim.lrr=0.1"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown key(s) ['optim.lrr']" in proc.stderr and "allowed:" in proc.stderr
+    assert not out.exists()
+
+
+def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
+    run_dir = tmp_path / "run"
+    result = run_training(None, run_dir, overrides(tiny_spec, **{"train.max_steps": 4, "wandb.mode": "offline",
+                                                                  "eval.every_epochs": 1, "train.epochs": 0.5}))
+    assert result["status"] == "finished"
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert set(saved) == {"anytime", "budgeted"}
+    assert [r["exit"] for r in saved["anytime"]] == [1, 2, 3]
+    assert all(set(r) == {"exit", "flops", "top1", "top5"} for r in saved["anytime"])
+    assert len(saved["budgeted"]) == 39 and all(set(r) == {"p", "flops", "top1"} for r in saved["budgeted"])
+    flops = [r["flops"] for r in saved["anytime"]]
+    assert flops == sorted(flops) and flops[0] > 0
+    assert (run_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "config.yaml").is_file()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("meta_loss" in m for m in metrics) and any("eval/top1_exit3" in m for m in metrics)
+    assert list((run_dir / "checkpoints").glob("best_step_*.pt")), "best-k checkpoint at the epoch end"
+
+    # W&B offline: a run folder with the logged keys, no network needed.
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    for key in ("loss", "meta_loss", "lr", "img_per_s", "eval/top1_exit1", "eval/budgeted_best_top1"):
+        assert key in summary, f"{key} missing from the W&B summary: {sorted(summary)}"
+    assert final_state(run_dir)["wandb_id"] == runs[0].name.rsplit("-", 1)[-1]
+
+    # l2w-eval on the checkpoint reproduces the anytime table.
+    from l2w_dist.evaluate.cli import evaluate_checkpoint
+
+    again = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt", tmp_path / "re_eval")
+    assert again["anytime"] == saved["anytime"]
+    assert json.loads((tmp_path / "re_eval" / "eval.json").read_text())["anytime"] == saved["anytime"]
