@@ -517,21 +517,8 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
     folder = output / "submitit"
     _make_importable_in_jobs()
 
-    # cluster= explicitly: with sbatch on PATH, AutoExecutor would otherwise pick slurm itself.
-    extra = {"slurm_max_num_timeout": args.max_requeues} if cluster == "slurm" else {}
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **extra)
-    params: dict[str, Any] = dict(name=args.name or f"l2w-{preset.name}", timeout_min=timeout_min,
-                                  nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task)
-    if args.gpus_per_node > 0:
-        params["gpus_per_node"] = args.gpus_per_node
-    if cluster == "slurm":
-        params.update(slurm_partition=partition, slurm_account=args.account, slurm_qos=args.qos,
-                      slurm_constraint=args.constraint, slurm_mem=args.mem,
-                      slurm_signal_delay_s=args.signal_delay,
-                      slurm_additional_parameters={"requeue": True})
-    executor.update_parameters(**params)
-    if cluster == "local":  # submitit's LocalExecutor has the option but AutoExecutor does not pass it
-        executor._executor.parameters["signal_delay_s"] = args.signal_delay
+    executor = make_executor(args, preset, cluster, folder, partition=partition, tasks_per_node=tasks,
+                             timeout_min=timeout_min)
 
     jobs_to_submit = []
     for run_dir, overrides, cfg in zip(run_dirs, override_sets, configs):
@@ -553,6 +540,28 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
     })
     _print_submission(jobs, run_dirs, jobs_to_submit, configs, cluster)
     return Submitted(jobs=jobs, run_dirs=run_dirs, folder=folder, cluster=cluster)
+
+
+def make_executor(args: argparse.Namespace, preset: Preset, cluster: str, folder: Path, *,
+                  partition: str | None, tasks_per_node: int, timeout_min: int) -> submitit.AutoExecutor:
+    """The submitit executor for ``cluster`` with the job's resources (no Slurm contact here)."""
+    # cluster= explicitly: with sbatch on PATH, AutoExecutor would otherwise pick slurm itself.
+    extra = {"slurm_max_num_timeout": args.max_requeues} if cluster == "slurm" else {}
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **extra)
+    params: dict[str, Any] = dict(name=args.name or f"l2w-{preset.name}", timeout_min=timeout_min,
+                                  nodes=args.nodes, tasks_per_node=tasks_per_node,
+                                  cpus_per_task=args.cpus_per_task)
+    if args.gpus_per_node > 0:
+        params["gpus_per_node"] = args.gpus_per_node
+    if cluster == "slurm":
+        params.update(slurm_partition=partition, slurm_account=args.account, slurm_qos=args.qos,
+                      slurm_constraint=args.constraint, slurm_mem=args.mem,
+                      slurm_signal_delay_s=args.signal_delay,
+                      slurm_additional_parameters={"requeue": True})  # preemption may requeue it too
+    executor.update_parameters(**params)
+    if cluster == "local":  # submitit's LocalExecutor has the option but AutoExecutor does not pass it
+        executor._executor.parameters["signal_delay_s"] = args.signal_delay
+    return executor
 
 
 def _resolve_config(path: str) -> Path:
@@ -634,6 +643,6 @@ def main(argv: Sequence[str] | None = None, preset: Preset = IMAGENET) -> int:
 
 __all__ = [
     "CIFAR", "CLUSTERS", "IMAGENET", "LaunchError", "Preset", "RequeueLog", "StopSignals", "Submitted",
-    "TrainingRun", "build_parser", "check_slurm", "expand_array", "launch", "main", "parse_time",
+    "TrainingRun", "build_parser", "check_slurm", "expand_array", "launch", "main", "make_executor", "parse_time",
     "validate_configs", "wait_and_report",
 ]

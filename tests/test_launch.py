@@ -21,7 +21,16 @@ from launch_testutil import (
     wait_until,
 )
 
-from l2w_dist.launch import IMAGENET, LaunchError, StopSignals, build_parser, expand_array, launch, parse_time
+from l2w_dist.launch import (
+    IMAGENET,
+    LaunchError,
+    StopSignals,
+    build_parser,
+    expand_array,
+    launch,
+    make_executor,
+    parse_time,
+)
 
 
 @pytest.fixture
@@ -65,6 +74,21 @@ def test_expand_array_sweeps_sets_and_grids():
     for bad in ("train.seed", "a=1 b=2", "x;y"):
         with pytest.raises(LaunchError, match="--array"):
             expand_array([bad])
+
+
+def test_sbatch_script_has_the_resources_and_the_requeue_signal(tmp_path):
+    """The DESIGN's command: 4 nodes x 8 GPUs, one task per GPU, USR2 before the limit, requeueable."""
+    args = build_parser(IMAGENET).parse_args([
+        "--cluster", "slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--account", "acc",
+        "--qos", "high", "--constraint", "a100", "--mem", "400G", "--time", "2-00:00:00", "--signal-delay", "300"])
+    executor = make_executor(args, IMAGENET, "slurm", tmp_path, partition="gpu", tasks_per_node=8,
+                             timeout_min=parse_time(args.time))
+    script = executor._executor._make_submission_file_text("CMD", "uid")
+    for line in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=8", "--partition=gpu",
+                 "--account=acc", "--qos=high", "--constraint=a100", "--mem=400G", "--time=2880",
+                 "--signal=USR2@300", "--requeue", "--job-name=l2w-imagenet"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "srun --unbuffered" in script
 
 
 def test_cluster_must_be_explicit(capsys):
