@@ -87,3 +87,27 @@ def signal_all(pids: Sequence[int], sig: signal.Signals = signal.SIGUSR2) -> Non
 
 def requeue_log(run_dir: Path) -> dict:
     return json.loads((run_dir / "requeues.json").read_text())
+
+
+def demo_overrides(data_root: Path, steps: int) -> list[str]:
+    """configs/demo.yaml made tiny: a small MSDNet, few steps, one thread, a 500-image holdout."""
+    return [f"train.max_steps={steps}", f"data.root={data_root}", "data.holdout=500", "data.num_workers=0",
+            "train.threads=1", "train.batch_size=32", "train.log_every=1", "meta.hidden=16",
+            "model.options={num_classes: 10, num_blocks: 3, channels: 4, growth_rate: 2}"]
+
+
+def prepared_demo_data(tmp_path_factory) -> Path:
+    """The embedded Fashion-MNIST as shards, once per test session (a no-op when already there)."""
+    from l2w_dist.data.fashion_mnist import prepare_fashion_mnist
+
+    root = tmp_path_factory.getbasetemp() / "fashion-mnist-holdout500"
+    prepare_fashion_mnist(root, holdout=500, seed=0)
+    return root
+
+
+def metric_steps(run_dir: Path) -> int:
+    """Iterations the real trainer has logged (train.log_every=1: one line per step)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum('"loss"' in line for line in path.read_text().splitlines())

@@ -3,6 +3,7 @@ local (processes) and debug (in-process) clusters, with a deterministic test dou
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -11,9 +12,12 @@ import launch_stand_in
 import pytest
 import torch
 from launch_testutil import (
+    REPO,
     STAND_IN,
     children,
+    demo_overrides,
     launcher_env,
+    prepared_demo_data,
     requeue_log,
     run_launcher,
     start_launcher,
@@ -203,7 +207,7 @@ def test_local_cluster_two_ranks_requeue_resumes_exactly(tmp_path, tiny_config):
 def test_array_gives_each_task_its_run_folder(tmp_path, tiny_config):
     out = tmp_path / "sweep"
     start = time.monotonic()
-    res = run_launcher(["--cluster", "local", "--gpus-per-node", "0", "--config", str(tiny_config),
+    res = run_launcher(["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config),
                         "--output", str(out), "--trainer", STAND_IN, "--seeds", "0,1", "train.max_steps=3"],
                        env=launcher_env(step_s=0.0))
     assert res.returncode == 0, res.stdout + res.stderr
@@ -212,3 +216,27 @@ def test_array_gives_each_task_its_run_folder(tmp_path, tiny_config):
     assert all((out / d / "eval.json").exists() for d in dirs)
     assert res.stdout.count("finished at step 3") == 2
     assert time.monotonic() - start < 60
+
+
+# ------------------------------------------------ the real trainer, configs/demo.yaml, no Slurm
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return prepared_demo_data(tmp_path_factory)
+
+
+@pytest.mark.parametrize("cluster, tasks", [("debug", 1), ("local", 2)])
+def test_demo_runs_without_slurm(tmp_path, demo_data, cluster, tasks):
+    """The same job as on Slurm: --cluster debug (one rank, in process), --cluster local (2 gloo ranks)."""
+    out = tmp_path / "run"
+    res = run_launcher(["--cluster", cluster, "--gpus-per-node", "0", "--tasks-per-node", str(tasks),
+                        "--config", str(REPO / "configs" / "demo.yaml"), "--output", str(out),
+                        *demo_overrides(demo_data, 4)], timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "finished at step 4; top-1 per exit:" in res.stdout
+    result = json.loads((out / "eval.json").read_text())
+    assert len(result["anytime"]) == 3 and len(result["budgeted"]) == 39
+    log = requeue_log(out)
+    assert [e["event"] for e in log["events"]] == ["start", "finished"]
+    assert log["events"][0]["world_size"] == tasks

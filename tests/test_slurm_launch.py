@@ -7,6 +7,7 @@ stopped afterwards if this module started it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,18 @@ from pathlib import Path
 import launch_stand_in
 import pytest
 import torch
-from launch_testutil import REPO, STAND_IN, launcher_env, requeue_log, run_launcher, trace_steps, wait_until
+from launch_testutil import (
+    REPO,
+    STAND_IN,
+    demo_overrides,
+    launcher_env,
+    metric_steps,
+    prepared_demo_data,
+    requeue_log,
+    run_launcher,
+    trace_steps,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -180,12 +192,13 @@ def test_silent_controller_times_out(slurm, tmp_path, tiny_config):
 # --------------------------------------------------- preemption and requeue (test double)
 
 
-@pytest.mark.parametrize("interrupt", ["usr2", "scontrol-requeue"])
+@pytest.mark.parametrize("interrupt", ["usr2", pytest.param("scontrol-requeue", marks=pytest.mark.slow)])
 def test_interrupted_job_requeues_and_resumes_exactly(slurm, tmp_path, tiny_config, interrupt):
     """1 node x 2 gloo tasks. usr2: the time-limit/preemption warning — all ranks stop at the
     same iteration, rank 0 checkpoints, the job requeues itself. scontrol-requeue: Slurm
-    requeues it from outside (SIGTERM, then SIGKILL after KillWait). Either way the job
-    starts again, resumes from the checkpoint and ends with the uninterrupted run's parameters."""
+    requeues it from outside (SIGTERM, then SIGKILL after KillWait; the real trainer's test
+    below does this too, hence slow here). Either way the job starts again, resumes from the
+    checkpoint and ends with the uninterrupted run's parameters."""
     out = tmp_path / "run"
     steps = 60
     job_id, _ = _submit(["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
@@ -212,3 +225,61 @@ def test_interrupted_job_requeues_and_resumes_exactly(slurm, tmp_path, tiny_conf
     assert all(torch.equal(final[k], reference[k]) for k in reference)
     # Every step ran exactly once before the stop and once after it: nothing was redone or lost.
     assert trace_steps(out, 0) == steps and trace_steps(out, 1) == steps
+
+
+# ------------------------------------------------------ the real trainer on configs/demo.yaml
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO_STEPS = 16
+TWO_GLOO_RANKS = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1"]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return prepared_demo_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_demo(slurm, demo_data, tmp_path_factory) -> Path:
+    """launch/imagenet.py --cluster slurm --config configs/demo.yaml, 1 node x 2 gloo tasks."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    job_id, res = _submit([*TWO_GLOO_RANKS, "--config", DEMO, "--output", str(out),
+                           *demo_overrides(demo_data, DEMO_STEPS)])
+    assert f"{out}/submitit/{job_id}_0_log.out" in res.stdout  # the log paths are printed
+    assert _wait_job(job_id, 240) == "COMPLETED", _logs(out)
+    return out
+
+
+def test_demo_trains_and_evaluates_on_two_gloo_ranks(uninterrupted_demo):
+    out = uninterrupted_demo
+    result = json.loads((out / "eval.json").read_text())
+    assert [row["exit"] for row in result["anytime"]] == [1, 2, 3]
+    flops = [row["flops"] for row in result["anytime"]]
+    assert flops == sorted(flops) and flops[0] > 0
+    assert len(result["budgeted"]) == 39
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == DEMO_STEPS
+    log = requeue_log(out)
+    assert log["requeues"] == 0 and [e["event"] for e in log["events"]] == ["start", "finished"]
+    assert log["events"][0]["world_size"] == 2
+    rank1 = next((out / "submitit").glob("*_1_log.out")).read_text()
+    assert "rank 1/2" in rank1
+
+
+def test_demo_requeued_mid_training_resumes_to_the_same_parameters(slurm, demo_data, uninterrupted_demo,
+                                                                   tmp_path):
+    out = tmp_path / "run"
+    job_id, _ = _submit([*TWO_GLOO_RANKS, "--config", DEMO, "--output", str(out),
+                         *demo_overrides(demo_data, DEMO_STEPS)])
+    wait_until(lambda: metric_steps(out) >= 4, 120, "4 logged training steps")
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=10)
+    assert _wait_job(job_id, 240) == "COMPLETED", _logs(out)
+    log = requeue_log(out)
+    assert log["requeues"] == 1, log
+    assert [e["event"] for e in log["events"]] == ["start", "stopped", "start", "finished"], log
+    assert 4 <= log["events"][1]["step"] < DEMO_STEPS
+    assert (out / "eval.json").exists()
+    final = _final_model(out)
+    reference = _final_model(uninterrupted_demo)
+    assert final.keys() == reference.keys()
+    different = [k for k in reference if not torch.equal(final[k], reference[k])]
+    assert not different, different[:5]
