@@ -153,9 +153,8 @@ class TrainingRun(submitit.helpers.Checkpointable):
                                                                           overwrite=True)
         rank = dist_env.rank
         out = Path(self.output)
-        if self.wandb_run_id:
-            os.environ.setdefault("WANDB_RUN_ID", self.wandb_run_id)
-            os.environ.setdefault("WANDB_RESUME", "allow")
+        if self.wandb_run_id:  # the id the launcher printed a link for; the trainer's logger uses it
+            os.environ["L2W_WANDB_RUN_ID"] = self.wandb_run_id  # (a resumed run keeps its checkpoint's id)
         log = RequeueLog(out)
         if rank == 0:
             log.record_start(job_id=str(env.job_id), world_size=dist_env.world_size)
@@ -168,6 +167,10 @@ class TrainingRun(submitit.helpers.Checkpointable):
         try:
             run_training = resolve_trainer(self.trainer)
             result = run_training(self.config, out, self.overrides, stop_requested=stop)
+        except Exception as err:
+            if rank == 0:
+                log.record("failed", job_id=str(env.job_id), error=f"{type(err).__name__}: {err}"[:1000])
+            raise
         finally:
             # In-process (debug) runs give the launching process its handlers back. Cluster
             # tasks keep ours: a late signal must not make submitit requeue a finished run.
@@ -230,7 +233,12 @@ class TrainingRun(submitit.helpers.Checkpointable):
         _write_json(marker, {"action": "requeue"})
         print(f"[l2w launch] requeueing job {job_id} at step {step} (requeue {done + 1} of at most "
               f"{self.max_requeues})", flush=True)
-        env._requeue(countdown)  # slurm: scontrol requeue; local: exits with submitit's requeue code
+        try:
+            env._requeue(countdown)  # slurm: scontrol requeue; local: exits with submitit's requeue code
+        except Exception as err:
+            log.record("requeue-failed", job_id=job_id, step=step, error=str(err)[:1000])
+            raise RuntimeError(f"could not requeue job {job_id} ({err}); the checkpoint at step {step} is "
+                               f"complete: launch again with --output {self.output} to continue") from err
         sys.exit(-1)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
