@@ -156,8 +156,11 @@ class TrainingRun(submitit.helpers.Checkpointable):
         if self.wandb_run_id:  # the id the launcher printed a link for; the trainer's logger uses it
             os.environ["L2W_WANDB_RUN_ID"] = self.wandb_run_id  # (a resumed run keeps its checkpoint's id)
         log = RequeueLog(out)
+        job_id = _job_key(env)
         if rank == 0:
-            log.record_start(job_id=str(env.job_id), world_size=dist_env.world_size)
+            log.record_start(job_id=job_id, world_size=dist_env.world_size)
+            for stale in (out / ".launch").glob("decision-*.json"):  # previous attempts' decisions
+                stale.unlink(missing_ok=True)
         print(f"[l2w launch] {cluster} job {env.job_id} rank {rank}/{dist_env.world_size} on "
               f"{socket.gethostname()}; master {dist_env.master_addr}:{dist_env.master_port}; "
               f"run folder {out}", flush=True)
@@ -169,7 +172,7 @@ class TrainingRun(submitit.helpers.Checkpointable):
             result = run_training(self.config, out, self.overrides, stop_requested=stop)
         except Exception as err:
             if rank == 0:
-                log.record("failed", job_id=str(env.job_id), error=f"{type(err).__name__}: {err}"[:1000])
+                log.record("failed", job_id=job_id, error=f"{type(err).__name__}: {err}"[:1000])
             raise
         finally:
             # In-process (debug) runs give the launching process its handlers back. Cluster
@@ -180,7 +183,7 @@ class TrainingRun(submitit.helpers.Checkpointable):
         if status == "finished":
             self._finished = True
             if rank == 0:
-                log.record("finished", job_id=str(env.job_id), step=result.get("step"))
+                log.record("finished", job_id=job_id, step=result.get("step"))
             return result
         if status != "preempted":
             raise RuntimeError(f"trainer {self.trainer} returned status {status!r}; expected "
@@ -191,7 +194,7 @@ class TrainingRun(submitit.helpers.Checkpointable):
                           log: RequeueLog) -> dict:
         """All ranks stopped at the same iteration and the checkpoint is written: requeue or exit."""
         step = result.get("step")
-        job_id = str(env.job_id)
+        job_id = _job_key(env)
         marker = Path(self.output) / ".launch" / f"decision-{_safe(job_id)}-step{step}.json"
         if rank != 0:
             decision = _wait_for_json(marker, self.rank_wait_s)
@@ -287,6 +290,14 @@ class RequeueLog:
 
     def self_requeues(self) -> int:
         return sum(e["event"] == "requeued" for e in self.read()["events"])
+
+
+def _job_key(env: submitit.JobEnvironment) -> str:
+    """The job's identity across requeues: Slurm's job id (kept by requeues), the local
+    controller's pid; debug ids come from id() in the launcher, so they get its pid too."""
+    if env.name() == "debug":
+        return f"{env.job_id}-pid{os.getpid()}"
+    return str(env.job_id)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -540,12 +551,15 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
             jobs = [executor.submit(job) for job in jobs_to_submit]
     for run_dir in run_dirs:
         run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(output / "launch.json", {
+    history = output / "launch.json"  # every launch into this folder (a relaunch resumes the run)
+    launches = json.loads(history.read_text())["launches"] if history.exists() else []
+    launches.append({
         "command": [sys.argv[0], *sys.argv[1:]], "cluster": cluster, "preset": preset.name,
         "config": str(config), "job_ids": [str(j.job_id) for j in jobs],
         "run_dirs": [str(d) for d in run_dirs], "overrides": override_sets, "partition": partition,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })
+    _write_json(history, {"launches": launches})
     _print_submission(jobs, run_dirs, jobs_to_submit, configs, cluster)
     return Submitted(jobs=jobs, run_dirs=run_dirs, folder=folder, cluster=cluster)
 

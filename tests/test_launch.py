@@ -240,3 +240,19 @@ def test_demo_runs_without_slurm(tmp_path, demo_data, cluster, tasks):
     log = requeue_log(out)
     assert [e["event"] for e in log["events"]] == ["start", "finished"]
     assert log["events"][0]["world_size"] == tasks
+
+
+def test_relaunch_into_the_same_folder_resumes(tmp_path, tiny_config):
+    """A second launch with the same --output continues the run (it is not a requeue)."""
+    out = tmp_path / "run"
+    common = ["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config), "--output", str(out),
+              "--trainer", STAND_IN]
+    env = launcher_env(step_s=0.0)
+    assert run_launcher([*common, "train.max_steps=10"], env=env).returncode == 0
+    res = run_launcher([*common, "train.max_steps=20"], env=env)
+    assert res.returncode == 0 and "finished at step 20" in res.stdout
+    assert trace_steps(out) == 20  # steps 1-10 were not redone
+    _assert_same(_final_model(out), launch_stand_in.reference_model(20, world=1))
+    log = requeue_log(out)
+    assert log["requeues"] == 0 and [e["event"] for e in log["events"]] == ["start", "finished"] * 2
+    assert len(json.loads((out / "launch.json").read_text())["launches"]) == 2
