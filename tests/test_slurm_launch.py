@@ -227,6 +227,28 @@ def test_interrupted_job_requeues_and_resumes_exactly(slurm, tmp_path, tiny_conf
     assert trace_steps(out, 0) == steps and trace_steps(out, 1) == steps
 
 
+@pytest.mark.slow
+def test_time_limit_warning_requeues_until_done(slurm, tmp_path, tiny_config):
+    """A real time limit: --time 1 --signal-delay 45, so Slurm sends USR2 ~15-45 s into every
+    attempt (slurmctld checks limits periodically); the job requeues itself each time and the
+    run completes with every step done exactly once and the uninterrupted parameters."""
+    out = tmp_path / "run"
+    steps = 300
+    job_id, _ = _submit(["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
+                         "--config", str(tiny_config), "--output", str(out), "--time", "1",
+                         "--signal-delay", "45", "--trainer", STAND_IN, f"train.max_steps={steps}"],
+                        env=launcher_env(step_s=0.1))
+    assert _wait_job(job_id, 400) == "COMPLETED", _logs(out)
+    log = requeue_log(out)
+    assert log["requeues"] >= 1, log
+    assert all(e["signals"] == ["SIGUSR2"] for e in log["events"] if e["event"] == "requeued")
+    assert log["events"][-1]["event"] == "finished"
+    assert trace_steps(out, 0) == steps and trace_steps(out, 1) == steps
+    reference = launch_stand_in.reference_model(steps, world=2)
+    final = _final_model(out)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
 # ------------------------------------------------------ the real trainer on configs/demo.yaml
 
 DEMO = str(REPO / "configs" / "demo.yaml")
