@@ -650,7 +650,7 @@ def wait_and_report(submitted: Submitted) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None, preset: Preset = IMAGENET) -> int:
     parser = build_parser(preset)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before, between or after options
     try:
         submitted = launch(args, preset)
     except LaunchError as err:

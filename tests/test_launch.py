@@ -256,3 +256,12 @@ def test_relaunch_into_the_same_folder_resumes(tmp_path, tiny_config):
     log = requeue_log(out)
     assert log["requeues"] == 0 and [e["event"] for e in log["events"]] == ["start", "finished"] * 2
     assert len(json.loads((out / "launch.json").read_text())["launches"]) == 2
+
+
+def test_overrides_may_be_mixed_with_options(tmp_path, tiny_config, capsys):
+    from l2w_dist.launch import main
+
+    code = main(["--cluster", "debug", "optim.lr=abc", "--gpus-per-node", "0", "--config", str(tiny_config),
+                 "meta.interval=3", "--output", str(tmp_path / "run")], preset=IMAGENET)
+    err = capsys.readouterr().err
+    assert code == 2 and "optim.lr=abc meta.interval=3" in err and "must be a number" in err
