@@ -249,6 +249,11 @@ def _check_value(key: str, typ: Any, value: Any) -> Any:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r} must be a number")
     if typ is str:
         if isinstance(value, str):

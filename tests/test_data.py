@@ -225,6 +225,14 @@ def test_holdout_disjoint_stable_and_order_independent(tmp_path):
     ev = build_eval_loader(s1, "holdout", batch_size=4, rank=0, world_size=1, num_workers=0, transform=None)
     labels = sorted(int(v) for _x, y in ev for v in y)
     assert labels == sorted(int(k.split("_")[1]) for k in held)
+    # training never sees it, unless the released behaviour is asked for explicitly
+    for include, expect in ((False, 34), (True, 40)):
+        tl = build_train_loader(s1, batch_size=1, rank=0, world_size=1, num_workers=0, transform=None, seed=0,
+                                resampled=False, include_holdout=include)  # fmt: skip
+        ids = sorted(int(v) for _x, y in tl for v in y)
+        assert len(tl) == expect and len(ids) == expect
+        assert not include or {int(k.split("_")[1]) for k in held} <= set(ids)
+        assert include or not {int(k.split("_")[1]) for k in held} & set(ids)
 
 
 # ------------------------------------------------------------ loaders
@@ -314,6 +322,14 @@ def test_train_deterministic_epochs_and_exact_resume(npz_shards):
         assert len(tail) == 7 - k
         for (x1, y1), (x2, y2) in zip(full[k:], tail):
             assert torch.equal(y1, y2) and torch.equal(x1, x2)  # augmentation RNG included
+    b.set_epoch(3, start_batch=6)  # one worker has nothing left: it must stop, not stream forever
+    (last,) = list(b)
+    assert torch.equal(last[0], full[6][0])
+    b.set_epoch(3, start_batch=7)
+    assert list(b) == []
+    short = build_train_loader(npz_shards, batch_size=2, rank=0, world_size=1, num_workers=2, transform=None,
+                               seed=0, epoch_length=1)  # fmt: skip
+    assert len(list(short)) == 1  # fewer batches than workers
 
 
 def test_channels_last_and_transforms(npz_shards):

@@ -73,7 +73,7 @@ def _write_shard(path: str, samples: list[RawSample]) -> int:
     """Write one tar (to a temporary name, renamed at the end: a shard that exists is complete)."""
     import webdataset as wds
 
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # unique: two ranks preparing the same data cannot interleave
     with wds.TarWriter(tmp, mtime=0, user="l2w", group="l2w") as sink:
         for s in samples:
             ext, data = _encode_image(s)
@@ -150,7 +150,7 @@ def write_shards(
         "splits": meta,
     }
     path = prefix.parent / (prefix.name + ".json")
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
     os.replace(tmp, path)  # written last: a sidecar that exists describes complete shards
     return path

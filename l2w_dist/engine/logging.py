@@ -37,7 +37,6 @@ class RunLogger:
         if wandb_cfg.mode != "disabled":
             import wandb
 
-            self.run_id = resume_id or wandb.util.generate_id()
             self.wandb = wandb.init(
                 project=wandb_cfg.project,
                 entity=wandb_cfg.entity or None,
@@ -46,9 +45,10 @@ class RunLogger:
                 config=config,
                 dir=str(self.run_dir),
                 mode=wandb_cfg.mode,
-                id=self.run_id,
+                id=resume_id,
                 resume="allow",
             )
+            self.run_id = self.wandb.id
 
     @property
     def url(self) -> str | None:

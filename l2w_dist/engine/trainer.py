@@ -24,7 +24,7 @@ from ..config import Config
 from ..data import build_eval_loader, build_train_loader, build_transforms, prepare_fashion_mnist
 from ..dist import DistEnv, build_backend
 from ..evaluate import anytime, budgeted, collect_logits, plot_curves, write_eval_json
-from ..meta import L2WConfig, WeightNet, l2w_iteration
+from ..meta import L2WConfig, WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
 from ..models import create_model
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .logging import RunLogger, finite
@@ -127,6 +127,8 @@ class TrainingJob:
                     rate = seen / (time.perf_counter() - tic)
                     self.logger.log({**stats, "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": rate},
                                     self.step)
+                    if self.logger.wandb is not None and self.cfg.meta.enabled:
+                        self.logger.log_weight_histograms(self.sample_weights(x, y), self.step)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{rate:.0f}")
                     tic, seen = time.perf_counter(), 0
                 bar.update(1)
@@ -171,7 +173,20 @@ class TrainingJob:
         update.backward(loss)
         update.step()
         values = per_exit.detach().cpu().tolist()
-        return {"loss": sum(values), **{f"ce_exit{k + 1}": v for k, v in enumerate(values)}}
+        return {"loss": sum(values), **{f"ce/{k}": v for k, v in enumerate(values)}}
+
+    @torch.no_grad()
+    def sample_weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The weights [B, K] the current weight net gives this batch (for W&B histograms)."""
+        module = self.backend.module
+        was_training = module.training
+        module.eval()
+        with self._autocast():
+            logits = module(x)
+        module.train(was_training)
+        ce = per_sample_ce(logits, y)
+        features = wpn_features(ce, max_confidence(logits), self.cfg.meta.input)
+        return normalize_weights(self.weight_net(features.float()), self.cfg.meta.epsilon, self.cfg.meta.constraint)
 
     # Evaluation ---------------------------------------------------------------------------
     def eval_model(self) -> torch.nn.Module:
