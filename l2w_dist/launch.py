@@ -502,17 +502,20 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
                               f"{'>= 0' if name in ('max_requeues', 'signal_delay') else '>= 1'}")
     if args.gpus_per_node < 0:
         raise LaunchError(f"--gpus-per-node {args.gpus_per_node} must be >= 0")
-    tasks = args.tasks_per_node if args.tasks_per_node is not None else max(args.gpus_per_node, 1)
-    if tasks < 1:
-        raise LaunchError(f"--tasks-per-node {tasks} must be >= 1")
-    if args.gpus_per_node > 0 and tasks != args.gpus_per_node:
-        raise LaunchError(f"--tasks-per-node {tasks} with --gpus-per-node {args.gpus_per_node}: the launcher "
-                          "runs one task per GPU (use --gpus-per-node 0 for CPU ranks)")
+    if cluster == "debug":  # one rank in this process, whatever the GPU count
+        if args.tasks_per_node not in (None, 1):
+            raise LaunchError(f"--cluster debug runs one task in this process; got --tasks-per-node "
+                              f"{args.tasks_per_node} (use --cluster local for several ranks without Slurm)")
+        tasks = 1
+    else:
+        tasks = args.tasks_per_node if args.tasks_per_node is not None else max(args.gpus_per_node, 1)
+        if tasks < 1:
+            raise LaunchError(f"--tasks-per-node {tasks} must be >= 1")
+        if args.gpus_per_node > 0 and tasks != args.gpus_per_node:
+            raise LaunchError(f"--tasks-per-node {tasks} with --gpus-per-node {args.gpus_per_node}: the "
+                              "launcher runs one task per GPU (use --gpus-per-node 0 for CPU ranks)")
     if cluster != "slurm" and args.nodes != 1:
         raise LaunchError(f"--nodes {args.nodes}: --cluster {cluster} runs on this machine only (1 node)")
-    if cluster == "debug" and tasks != 1:
-        raise LaunchError(f"--cluster debug runs one task in this process; got {tasks} tasks per node "
-                          "(use --cluster local for several ranks without Slurm)")
     timeout_min = parse_time(args.time)
     if args.signal_delay >= timeout_min * 60:
         raise LaunchError(f"--signal-delay {args.signal_delay}s must be shorter than --time {args.time}")

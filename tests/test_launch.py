@@ -101,14 +101,15 @@ def test_cluster_must_be_explicit(capsys):
     assert "--cluster" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--gpus-per-node", "2", "--tasks-per-node", "3"], "one task per GPU"),
-    (["--nodes", "2", "--gpus-per-node", "0"], "runs on this machine only"),
-    (["--time", "1", "--signal-delay", "120", "--gpus-per-node", "0"], "--signal-delay"),
-    (["--gpus-per-node", "0", "not-an-override"], "overrides are KEY=VALUE"),
+@pytest.mark.parametrize("cluster, argv, message", [
+    ("local", ["--gpus-per-node", "2", "--tasks-per-node", "3"], "one task per GPU"),
+    ("local", ["--nodes", "2", "--gpus-per-node", "0"], "runs on this machine only"),
+    ("local", ["--time", "1", "--signal-delay", "120", "--gpus-per-node", "0"], "--signal-delay"),
+    ("local", ["--gpus-per-node", "0", "not-an-override"], "overrides are KEY=VALUE"),
+    ("debug", ["--tasks-per-node", "2"], "--cluster debug runs one task"),
 ])
-def test_bad_options_fail_before_submission(tmp_path, tiny_config, argv, message):
-    args = build_parser(IMAGENET).parse_args(["--cluster", "local", "--config", str(tiny_config),
+def test_bad_options_fail_before_submission(tmp_path, tiny_config, cluster, argv, message):
+    args = build_parser(IMAGENET).parse_args(["--cluster", cluster, "--config", str(tiny_config),
                                               "--output", str(tmp_path / "run"), *argv])
     with pytest.raises(LaunchError, match=message):
         launch(args, IMAGENET)
