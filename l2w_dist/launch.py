@@ -211,7 +211,7 @@ class TrainingRun(submitit.helpers.Checkpointable):
             _write_json(marker, {"action": "exit"})
             sys.exit(-1)
 
-        done = log.self_requeues()
+        done = log.self_requeues(job_id)
         if done >= self.max_requeues:
             message = (f"preempted/timed out at step {step} after {done} requeues: reached --max-requeues "
                        f"{self.max_requeues}. The checkpoint in {self.output}/checkpoints is complete; "
@@ -288,8 +288,9 @@ class RequeueLog:
         if data["requeues"]:
             print(f"[l2w launch] job {job_id} restarted: requeue {data['requeues']} of this run", flush=True)
 
-    def self_requeues(self) -> int:
-        return sum(e["event"] == "requeued" for e in self.read()["events"])
+    def self_requeues(self, job_id: str) -> int:
+        """How often this job requeued itself (a new launch starts a new budget)."""
+        return sum(e["event"] == "requeued" and e["job_id"] == job_id for e in self.read()["events"])
 
 
 def _job_key(env: submitit.JobEnvironment) -> str:

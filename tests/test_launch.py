@@ -182,6 +182,12 @@ def test_max_requeues_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path
     assert log["events"][-1]["event"] == "gave-up"
     step = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert step == log["events"][-1]["step"] >= 5
+    # Launching again continues the run, with a fresh requeue budget.
+    res = run_launcher(["--cluster", "debug", "--config", str(tiny_config), "--output", str(out),
+                        "--trainer", STAND_IN, "--max-requeues", "0", "train.max_steps=60"],
+                       env=launcher_env(step_s=0.0))
+    assert res.returncode == 0 and "finished at step 60" in res.stdout, res.stdout + res.stderr
+    assert trace_steps(out) == 60
 
 
 def test_local_cluster_two_ranks_requeue_resumes_exactly(tmp_path, tiny_config):
