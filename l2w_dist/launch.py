@@ -124,7 +124,10 @@ def resolve_trainer(path: str) -> Callable[..., dict]:
     module, sep, attr = path.partition(":")
     if not sep or not module or not attr:
         raise LaunchError(f"trainer {path!r} must look like 'package.module:function'")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise LaunchError(f"trainer {path!r} cannot be loaded: {err}") from err
 
 
 class TrainingRun(submitit.helpers.Checkpointable):
@@ -411,12 +414,17 @@ def check_slurm(partition: str | None, timeout_s: float = 15.0) -> str:
             raise LaunchError(f"no --partition given and the cluster has no default partition; "
                               f"choose one of {sorted(states)}")
         partition = default
-    elif partition not in states:
-        raise LaunchError(f"--partition {partition!r} does not exist on this cluster; "
-                          f"available: {sorted(states)}")
-    if states.get(partition, "up") != "up":
-        print(f"warning: partition {partition!r} is {states[partition]!r}: the job will wait until it is up",
-              file=sys.stderr)
+    for name in partition.split(","):  # sbatch takes a list: the first that can run the job
+        if name in states:
+            if states[name] != "up":
+                print(f"warning: partition {name!r} is {states[name]!r}: the job waits until it is up",
+                      file=sys.stderr)
+            continue
+        # Not listed: hidden partitions are only shown to `scontrol show partition NAME`.
+        shown = _run_quick(["scontrol", "show", "partition", name], timeout_s)
+        if shown.returncode != 0 or f"PartitionName={name}" not in shown.stdout:
+            raise LaunchError(f"--partition {name!r} does not exist on this cluster; "
+                              f"available: {sorted(states)}")
     return partition
 
 
@@ -529,6 +537,7 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
     array_sets = expand_array(axes)
     override_sets = [list(args.overrides) + extra for extra in array_sets]
     configs = validate_configs(str(config), override_sets)
+    resolve_trainer(args.trainer)  # the jobs import it too; fail here rather than on every rank
 
     partition = check_slurm(args.partition, args.check_timeout) if cluster == "slurm" else None
 
