@@ -12,6 +12,7 @@ requeue logic use it; the end-to-end tests use the real trainer.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -83,6 +84,10 @@ def run_training(config, output, overrides=(), stop_requested=None) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
+    seen = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                           "MASTER_PORT", "L2W_WANDB_RUN_ID")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"env_rank{rank}.json").write_text(json.dumps(seen))
     max_steps = _max_steps(overrides)
     step_s = float(os.environ.get("L2W_STAND_IN_STEP_S", "0.05"))
     trace = out / f"trace_rank{rank}.txt"

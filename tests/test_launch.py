@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -209,6 +210,9 @@ def test_local_cluster_two_ranks_requeue_resumes_exactly(tmp_path, tiny_config):
     assert log["requeues"] == 1, log
     assert [e["event"] for e in log["events"]] == ["start", "requeued", "start", "finished"]
     _assert_same(_final_model(out), launch_stand_in.reference_model(40, world=2))
+    envs = [json.loads((out / f"env_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [("0", "0", "2"), ("1", "1", "2")]
+    assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"] and envs[0]["MASTER_ADDR"] == envs[1]["MASTER_ADDR"]
 
 
 def test_array_gives_each_task_its_run_folder(tmp_path, tiny_config):
@@ -272,3 +276,17 @@ def test_overrides_may_be_mixed_with_options(tmp_path, tiny_config, capsys):
                  "meta.interval=3", "--output", str(tmp_path / "run")], preset=IMAGENET)
     err = capsys.readouterr().err
     assert code == 2 and "optim.lr=abc meta.interval=3" in err and "must be a number" in err
+
+
+def test_wandb_link_is_printed_and_its_run_id_reaches_the_job(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    res = run_launcher(["--cluster", "debug", "--config", str(tiny_config), "--output", str(out),
+                        "--trainer", STAND_IN, "train.max_steps=2", "wandb.mode=offline", "wandb.project=proj",
+                        "wandb.entity=team"], env=launcher_env(step_s=0.0))
+    assert res.returncode == 0, res.stdout + res.stderr
+    link = re.search(r"W&B:\s+https://wandb.ai/team/proj/runs/(\w+) \(offline", res.stdout)
+    assert link, res.stdout
+    assert json.loads((out / "env_rank0.json").read_text())["L2W_WANDB_RUN_ID"] == link.group(1)
+    res = run_launcher(["--cluster", "debug", "--config", str(tiny_config), "--output", str(tmp_path / "off"),
+                        "--trainer", STAND_IN, "train.max_steps=2"], env=launcher_env(step_s=0.0))
+    assert "W&B" not in res.stdout
