@@ -225,6 +225,10 @@ def test_interrupted_job_requeues_and_resumes_exactly(slurm, tmp_path, tiny_conf
     assert all(torch.equal(final[k], reference[k]) for k in reference)
     # Every step ran exactly once before the stop and once after it: nothing was redone or lost.
     assert trace_steps(out, 0) == steps and trace_steps(out, 1) == steps
+    # The rank environment came from Slurm through submitit's JobEnvironment.
+    envs = [json.loads((out / f"env_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [("0", "0", "2"), ("1", "1", "2")]
+    assert envs[0]["MASTER_ADDR"] == socket.gethostname() == envs[1]["MASTER_ADDR"]
 
 
 @pytest.mark.slow
