@@ -650,7 +650,12 @@ def wait_and_report(submitted: Submitted) -> list[dict]:
     """Block until every job ends; print each run's status and final per-exit accuracy."""
     results = []
     for job, run_dir in zip(submitted.jobs, submitted.run_dirs):
-        result = job.results()[0]  # rank 0's; all ranks return
+        try:
+            result = job.results()[0]  # rank 0's; all ranks return
+        except Exception as err:  # submitit's FailedJobError / UncompletedJobError carry the job's traceback
+            print(f"job {job.job_id}: failed; logs in {job.paths.stdout.parent}\n{err}", file=sys.stderr, flush=True)
+            results.append({"status": "failed"})
+            continue
         results.append(result)
         line = f"job {job.job_id}: {result.get('status')} at step {result.get('step')}"
         anytime = (result.get("eval") or {}).get("anytime") or []

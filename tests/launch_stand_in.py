@@ -131,3 +131,8 @@ def run_training(config, output, overrides=(), stop_requested=None) -> dict:
                                       '"budgeted": []}')
     return finish({"status": "finished", "step": step,
                    "eval": {"anytime": [{"exit": 1, "flops": 1.0, "top1": 50.0, "top5": 90.0}]}})
+
+
+def failing_training(config, output, overrides=(), stop_requested=None) -> dict:
+    """A trainer that fails: the launcher must report the failure, not a result."""
+    raise RuntimeError("the stand-in trainer failed on purpose")

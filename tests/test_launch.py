@@ -290,3 +290,12 @@ def test_wandb_link_is_printed_and_its_run_id_reaches_the_job(tmp_path, tiny_con
     res = run_launcher(["--cluster", "debug", "--config", str(tiny_config), "--output", str(tmp_path / "off"),
                         "--trainer", STAND_IN, "train.max_steps=2"], env=launcher_env(step_s=0.0))
     assert "W&B" not in res.stdout
+
+
+def test_a_failing_job_is_reported_with_its_error(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    res = run_launcher(["--cluster", "local", "--gpus-per-node", "0", "--config", str(tiny_config),
+                        "--output", str(out), "--trainer", "launch_stand_in:failing_training"])
+    assert res.returncode == 1
+    assert "failed on purpose" in res.stderr and "failed; logs in" in res.stderr
+    assert requeue_log(out)["events"][-1]["event"] == "failed"
