@@ -9,11 +9,14 @@ memory is measured per variant:
   jvp         l2w_iteration, hypergrad="jvp" (forward-mode, default)
   jvp_pre     jvp + real_weights="pre_update" (real step re-uses the pseudo gradient)
 An L2W iteration on batch N is two half steps of N/2 (θ takes two steps); meta_interval 1.
+Times: all variants built in one process and timed round-robin (iteration i of every
+variant, then i+1, ...), so that a changing load on a shared machine hits all alike.
 
     PYTHONPATH=. python bench/meta_step.py --model msdnet_cifar --device cpu --batch 16 \\
         --iters 5 --json out.json
-Peak memory: CUDA max_memory_allocated (absolute, includes weights and optimizer state);
-CPU the peak-RSS increase (VmHWM) over the RSS after the model and data are built.
+Peak memory, each variant alone in a fresh subprocess: CUDA max_memory_allocated (absolute,
+includes weights and optimizer state); CPU the peak-RSS increase (VmHWM) over the RSS after
+the model and data are built.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 VARIANTS = ("plain", "reference", "autograd", "jvp", "jvp_pre")
+# Also buildable (used by bench/gpu_suite.py): an L2W iteration whose step skips the meta step
+# (what 99 of 100 iterations cost at meta_interval 100), and the plain step under torch.compile.
+EXTRA_VARIANTS = ("jvp_nometa", "plain_compile")
 INPUT_SIZE = {"msdnet_cifar": (3, 32, 32), "msdnet_imagenet": (3, 224, 224)}
 
 
@@ -121,11 +127,11 @@ def _released_half_step(model, pseudo, wnet, opt, mopt, train, meta, q, eps):
     opt.step()
 
 
-def run_variant(args: argparse.Namespace) -> dict:
+def build_variant(args: argparse.Namespace, v: str):
+    """Model, data and optimizers for variant ``v``; returns its one-iteration callable."""
     from l2w_dist.meta import L2WConfig, WeightNet, l2w_iteration, target_proportions
     from l2w_dist.models import create_model
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     overrides = dict(kv.split("=", 1) for kv in args.model_arg)
@@ -141,7 +147,6 @@ def run_variant(args: argparse.Namespace) -> dict:
     wnet = WeightNet(num_exits).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     mopt = torch.optim.Adam(wnet.parameters(), lr=1e-4, weight_decay=1e-4)
-    v = args.variant
     pseudo = copy.deepcopy(model) if v == "reference" else None
     q = target_proportions(num_exits, 0.75)
     cfg = L2WConfig(
@@ -152,9 +157,11 @@ def run_variant(args: argparse.Namespace) -> dict:
     )
     half = args.batch // 2
 
+    forward = torch.compile(model) if v == "plain_compile" else model
+
     def one_iteration():
-        if v == "plain":
-            loss = sum(F.cross_entropy(z.float(), y) for z in model(x))
+        if v in ("plain", "plain_compile"):
+            loss = sum(F.cross_entropy(z.float(), y) for z in forward(x))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -162,31 +169,58 @@ def run_variant(args: argparse.Namespace) -> dict:
             a, b = (x[:half], y[:half]), (x[half:], y[half:])
             _released_half_step(model, pseudo, wnet, opt, mopt, a, b, q, 0.3)
             _released_half_step(model, pseudo, wnet, opt, mopt, b, a, q, 0.3)
+        elif v == "jvp_nometa":
+            l2w_iteration(model, wnet, opt, mopt, x, y, cfg, step=1, meta_interval=100)
         else:
             l2w_iteration(model, wnet, opt, mopt, x, y, cfg)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    rss0 = _rss_kb("VmRSS") if device.type == "cpu" else 0
-    with autocast:
+    return one_iteration
+
+
+def _autocast(args: argparse.Namespace):
+    return torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+
+def _timed(args: argparse.Namespace, fn) -> float:
+    _sync(args.device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(args.device)
+    return 1000 * (time.perf_counter() - t0)
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """Subprocess mode: peak memory (and isolated time) of one variant."""
+    torch.set_num_threads(args.threads)
+    one_iteration = build_variant(args, args.variant)
+    rss0 = _rss_kb("VmRSS") if args.device == "cpu" else 0
+    with _autocast(args):
         for _ in range(args.warmup):
             one_iteration()
         _sync(args.device)
-        if device.type == "cuda":
+        if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.iters):
-            _sync(args.device)
-            t0 = time.perf_counter()
-            one_iteration()
-            _sync(args.device)
-            times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
+        times = sorted(_timed(args, one_iteration) for _ in range(max(1, min(args.iters, 2))))
+    if args.device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (_rss_kb("VmHWM") - rss0) / 1024
-    times.sort()
-    median, best = 1000 * times[len(times) // 2], 1000 * times[0]
-    return {"variant": v, "ms_median": median, "ms_min": best, "peak_mb": peak_mb}
+    return {"variant": args.variant, "ms_isolated": times[0], "peak_mb": peak_mb}
+
+
+def interleaved_times(args: argparse.Namespace, variants: list[str]) -> dict[str, list[float]]:
+    """Time all variants round-robin in one process, so that load changes hit all alike."""
+    torch.set_num_threads(args.threads)
+    fns = {v: build_variant(args, v) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with _autocast(args):
+        for v in variants:
+            for _ in range(args.warmup):
+                fns[v]()
+        for _ in range(args.iters):
+            for v in variants:
+                times[v].append(_timed(args, fns[v]))
+    return times
 
 
 def main(argv=None) -> None:
@@ -200,24 +234,32 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown variant(s) {bad}; allowed: {VARIANTS}")
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     results = []
-    for v in variants:
+    for v in variants:  # memory: each variant alone in a fresh process
         cmd = [sys.executable, __file__, *base, "--variant", v]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"  {v:10s} {r['ms_median']:9.1f} ms/iter  peak {r['peak_mb']:9.1f} MB", flush=True)
+        print(f"  {v:10s} peak {r['peak_mb']:9.1f} MB (isolated {r['ms_isolated']:.1f} ms)", flush=True)
+    times = interleaved_times(args, variants)  # time: round-robin in this process
+    for r in results:
+        t = sorted(times[r["variant"]])
+        r["ms_median"], r["ms_min"] = t[len(t) // 2], t[0]
     plain = next((r for r in results if r["variant"] == "plain"), None)
     if plain:
         for r in results:
             r["time_x_plain"] = r["ms_median"] / plain["ms_median"]
+            r["time_min_x_plain"] = r["ms_min"] / plain["ms_min"]
             r["mem_x_plain"] = r["peak_mb"] / plain["peak_mb"] if plain["peak_mb"] > 0 else float("nan")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads} threads"
     print(f"{args.model} batch {args.batch} {args.dtype} {device_name}")
-    print(f"{'variant':10s} {'ms/iter':>9s} {'x plain':>8s} {'peak MB':>9s} {'x plain':>8s}")
+    nan = float("nan")
+    cols = ("median ms", "x plain", "min ms", "x plain", "peak MB", "x plain")
+    print(f"{'variant':10s} " + " ".join(f"{c:>9s}" for c in cols))
     for r in results:
         print(
-            f"{r['variant']:10s} {r['ms_median']:9.1f} {r.get('time_x_plain', float('nan')):8.2f} "
-            f"{r['peak_mb']:9.1f} {r.get('mem_x_plain', float('nan')):8.2f}"
+            f"{r['variant']:10s} {r['ms_median']:9.1f} {r.get('time_x_plain', nan):8.2f} "
+            f"{r['ms_min']:9.1f} {r.get('time_min_x_plain', nan):8.2f} "
+            f"{r['peak_mb']:9.1f} {r.get('mem_x_plain', nan):8.2f}"
         )
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k not in ("variant", "json")}

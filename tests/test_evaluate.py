@@ -22,7 +22,9 @@ from l2w_dist.evaluate import (
     budgeted,
     budgeted_details,
     collect_logits,
+    confidence_and_prediction,
     evaluate_model,
+    exit_assignment,
     load_eval_json,
     plot_curves,
     target_counts,
@@ -137,6 +139,7 @@ def test_budgeted_equals_literal_loop(num_exits, kind):
     details = budgeted_details(h_logits, h_labels, t_logits, t_labels, flops, ps)
     reference = literal_budgeted(h_logits, h_labels, t_logits, t_labels, flops, ps)
     h_max, h_arg = literal_softmax_max(h_logits)
+    t_max, _ = literal_softmax_max(t_logits)
     assert len(details.points) == len(reference) == 39
     for i, (got, want) in enumerate(zip(details.points, reference)):
         thr = details.thresholds[i].tolist()
@@ -146,6 +149,8 @@ def test_budgeted_equals_literal_loop(num_exits, kind):
         assert got == {"p": want["p"], "flops": want["flops"], "top1": want["top1"]}, f"p={want['p']}"
         _, h_exp, _ = literal_with_threshold(h_max, h_arg, h_labels, flops, want["T"])
         assert details.holdout_exit_counts[i].tolist() == h_exp, f"p={want['p']}"
+        exits = exit_assignment(t_max, details.thresholds[i : i + 1])[0]
+        assert torch.bincount(exits, minlength=num_exits).tolist() == want["exp"], f"p={want['p']}"
     if kind != "continuous":  # the test really exercised ties at a threshold somewhere
         wanted = torch.tensor([target_counts(p, num_exits, h_logits.shape[1]) for p in ps])
         assert (details.holdout_exit_counts[:, :-1] > wanted[:, :-1]).any()
@@ -164,6 +169,11 @@ def test_thresholds_give_target_proportions_on_holdout():
         assert sum(got) == n
         # calibrated on the same data, the test split sees the same proportions
         assert details.test_exit_counts[i].tolist() == got
+    # the standalone assignment agrees with the counts found during calibration
+    conf, _ = confidence_and_prediction(logits)
+    exits = exit_assignment(conf, details.thresholds)
+    for k in range(num_exits):
+        assert (exits == k).sum(dim=1).tolist() == details.holdout_exit_counts[:, k].tolist()
     # the paper's p = 0.75 example
     q = target_proportions(0.75, 5).tolist()
     assert [round(x, 3) for x in q] == [0.328, 0.246, 0.184, 0.138, 0.104]

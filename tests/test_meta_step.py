@@ -10,6 +10,7 @@ from torch import nn
 
 from l2w_dist.meta import (
     L2WConfig,
+    TorchOptimizerUpdate,
     WeightNet,
     allocate_exits,
     exit_counts,
@@ -204,6 +205,7 @@ def test_target_proportions_paper_values():
         ("epsilon", -1.0),
         ("target_p_index", 0),
         ("label_smoothing", 1.5),
+        ("fd_step", 0.0),
     ],
 )
 def test_config_validation_names_value_and_allowed(field, value):
@@ -316,3 +318,61 @@ def test_real_msdnet_jvp_equals_autograd_equals_reference(f64, opt_kind):
     assert max(d.abs().max().item() for k, d in ends["ref"].items() if k.startswith("w.")) > 1e-5
     assert max_rel_diff(ends["jvp"], ends["autograd"]) <= 1e-9
     assert max_rel_diff(ends["jvp"], ends["ref"]) <= 1e-9
+
+
+class _MinimalRealUpdate:
+    """A RealUpdate that is not TorchOptimizerUpdate (as a DeepSpeed backend would be)."""
+
+    def __init__(self, optimizer):
+        self._inner = TorchOptimizerUpdate(optimizer)
+
+    def virtual_state(self, params):
+        return self._inner.virtual_state(params)
+
+    def zero_grad(self):
+        self._inner.zero_grad()
+
+    def backward(self, loss):
+        self._inner.backward(loss)
+
+    def step(self):
+        self._inner.step()
+
+
+def test_any_real_update_is_accepted_and_pre_update_needs_step_with_grads(f64):
+    results = []
+    for wrap in (lambda o: o, _MinimalRealUpdate):
+        model, wnet, opt, mopt, x, y = _setup("nobn", "adamw")
+        l2w_iteration(model, wnet, wrap(opt), mopt, x, y, L2WConfig(constraint="row"))
+        results.append(_snapshot(model, wnet))
+    assert max_rel_diff(results[0], results[1]) == 0.0
+    model, wnet, opt, mopt, x, y = _setup("nobn", "sgd")
+    with pytest.raises(ValueError, match="step_with_grads"):
+        l2w_iteration(model, wnet, _MinimalRealUpdate(opt), mopt, x, y, L2WConfig(real_weights="pre_update"))
+
+
+def test_meta_interval_skips_the_meta_step(f64):
+    model, wnet, opt, mopt, x, y = _setup("nobn", "sgd")
+    phi = [p.detach().clone() for p in wnet.parameters()]
+    stats = l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(), step=3, meta_interval=2)
+    assert all(torch.equal(a, b) for a, b in zip(phi, wnet.parameters()))
+    assert stats["meta_loss"] != stats["meta_loss"]
+    l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(), step=4, meta_interval=2)
+    assert not all(torch.equal(a, b) for a, b in zip(phi, wnet.parameters()))
+    with pytest.raises(ValueError, match="meta_interval"):
+        l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(), meta_interval=0)
+
+
+@pytest.mark.parametrize("opt_kind", ["momentum", "adamw"])
+def test_finite_difference_engine_close_to_autograd(f64, opt_kind):
+    """The third engine: central difference of the per-sample losses along D·u (no AD through θ)."""
+    grads = {}
+    for engine in ("autograd", "finite_difference"):
+        model, wnet, opt, mopt, x, y = _setup("bn", opt_kind)
+        l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(epsilon=0.8, constraint="col"))
+        zero_lr = torch.optim.SGD(wnet.parameters(), lr=0.0)
+        cfg = L2WConfig(epsilon=0.8, constraint="mat", hypergrad=engine, fd_step=1e-5)
+        l2w_half_step(model, wnet, opt, zero_lr, train=(x[:8], y[:8]), meta=(x[8:], y[8:]), cfg=cfg)
+        grads[engine] = torch.cat([p.grad.reshape(-1) for p in wnet.parameters()])
+    err = (grads["finite_difference"] - grads["autograd"]).norm() / grads["autograd"].norm()
+    assert err < 1e-7, err.item()

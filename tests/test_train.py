@@ -162,3 +162,24 @@ def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
     again = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt", tmp_path / "re_eval")
     assert again["anytime"] == saved["anytime"]
     assert json.loads((tmp_path / "re_eval" / "eval.json").read_text())["anytime"] == saved["anytime"]
+
+
+def test_trainer_options_bf16_channels_last_ema_clip_warmup_periodic(tmp_path, tiny_spec):
+    """The optional trainer features together: bf16 autocast, channels_last, EMA, clipping,
+    label smoothing, warm-up, lr scaling with the batch, periodic checkpoints."""
+    run_dir = tmp_path / "run"
+    result = run_training(None, run_dir, overrides(tiny_spec, **{
+        "train.max_steps": 4, "eval.enabled": False, "train.precision": "bf16", "train.channels_last": True,
+        "train.ema_decay": 0.5, "optim.grad_clip": 1.0, "optim.label_smoothing": 0.1, "optim.warmup_steps": 3,
+        "optim.lr_reference_batch": 32, "train.ckpt_every": 2}))
+    assert result["status"] == "finished"
+    state = final_state(run_dir)
+    assert (run_dir / "checkpoints" / "step_2.pt").is_file() and (run_dir / "checkpoints" / "step_4.pt").is_file()
+    ema, model = state["ema"], state["model"]
+    assert ema is not None and ema.keys() == model.keys()
+    floats = [k for k in model if model[k].is_floating_point()]
+    assert any(not torch.equal(ema[k], model[k]) for k in floats)  # EMA lags the weights
+    assert all(torch.isfinite(model[k]).all() for k in floats)
+    lrs = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # lr 0.05 at batch 32 -> 0.025 at batch 16, reached after a 3-step warm-up from 0.
+    assert lrs[0] < lrs[1] < lrs[2] and abs(max(lrs) - 0.025) < 1e-3

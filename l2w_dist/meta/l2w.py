@@ -47,7 +47,7 @@ from .update import RealUpdate, TorchOptimizerUpdate
 from .virtual_step import step_derivative, virtual_step
 from .weight_net import CONSTRAINTS, WPN_INPUTS, normalize_weights, wpn_features
 
-HYPERGRADS = ("jvp", "autograd")
+HYPERGRADS = ("jvp", "autograd", "finite_difference")
 SYNCS = ("global", "local")
 REAL_WEIGHTS = ("updated", "pre_update")
 
@@ -60,10 +60,11 @@ class L2WConfig:
     constraint: str = "mat"  # mat | col | row
     input: str = "loss"  # loss | conf | both
     target_p_index: int = 15  # p = target_p_index / 20
-    hypergrad: str = "jvp"  # jvp | autograd
+    hypergrad: str = "jvp"  # jvp | autograd | finite_difference
     sync: str = "global"  # global | local
     real_weights: str = "updated"  # updated | pre_update
     label_smoothing: float = 0.0
+    fd_step: float = 1e-3  # finite_difference: L2 norm of the perturbation of θ
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
@@ -81,6 +82,8 @@ class L2WConfig:
             raise ValueError(f"L2WConfig.target_p_index={self.target_p_index!r} must be an int in 1..39")
         if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
             raise ValueError(f"L2WConfig.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+        if not (isinstance(self.fd_step, (int, float)) and self.fd_step > 0):
+            raise ValueError(f"L2WConfig.fd_step={self.fd_step!r} must be a number > 0")
 
     @property
     def p(self) -> float:
@@ -135,7 +138,7 @@ def l2w_half_step(
         states = real.virtual_state(params)
         scores = weight_net(features)
         weights = normalize_weights(scores, cfg.epsilon, cfg.constraint, norm_coll)
-        engine = _jvp_meta_grad if cfg.hypergrad == "jvp" else _autograd_meta_grad
+        engine = _autograd_meta_grad if cfg.hypergrad == "autograd" else _first_order_meta_grad
         meta_optimizer.zero_grad(set_to_none=True)
         pseudo_grads, meta_loss, alloc = engine(
             module, params, states, ce, weights, x_tr, y_tr, meta, cfg, coll, global_sync, weight_net
@@ -144,9 +147,8 @@ def l2w_half_step(
         meta_optimizer.step()
 
     # 3. Real update with weights from the updated weight net, re-using the train forward.
-    if pre_update:
-        with torch.no_grad():
-            weights = normalize_weights(weight_net(features), cfg.epsilon, cfg.constraint, norm_coll)
+    if pre_update:  # the pseudo-step gradient, weighted by the weight net before its step
+        weights = weights.detach()
         grads = pseudo_grads
         if not global_sync and world > 1:  # local sync: the real step still uses the global mean
             grads = _all_reduce_mean(grads, coll)
@@ -191,24 +193,39 @@ def l2w_iteration(
 # ----------------------------------------------------------------------------- engines
 
 
-def _jvp_meta_grad(module, params, states, ce, weights, x_tr, y_tr, meta, cfg, coll, global_sync, weight_net):
-    """Forward-mode hypergradient; leaves φ.grad holding this rank's share of ∂meta/∂φ."""
+def _first_order_meta_grad(
+    module, params, states, ce, weights, x_tr, y_tr, meta, cfg, coll, global_sync, weight_net
+):
+    """``jvp`` (forward mode) or ``finite_difference`` hypergradient: first-order passes only.
+
+    Leaves φ.grad holding this rank's share of ∂meta/∂φ.
+    """
     batch = ce.shape[0] * (coll.world_size if global_sync else 1)
     loss = weighted_loss(ce, weights.detach())
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True)))
+    grads = _grad(loss, params, retain_graph=True)
     if global_sync:
         grads = _all_reduce_mean(grads, coll)
     with torch.no_grad():
         theta = virtual_step({n: p.detach() for n, p in params.items()}, grads, states)
     theta = {n: t.requires_grad_() for n, t in theta.items()}
     meta_loss, alloc = _meta_loss(module, theta, meta, cfg, coll, global_sync)
-    u = dict(zip(theta, torch.autograd.grad(meta_loss, list(theta.values()))))
+    u = _grad(meta_loss, theta)
     meta_loss = meta_loss.detach()
     if global_sync:  # u of the global meta loss; the meta loss value rides along
         flat = coll.all_reduce_sum_(torch.cat([t.reshape(-1) for t in u.values()] + [meta_loss.reshape(1)]))
         u, meta_loss = _unflatten(flat[:-1], u), flat[-1]
     scale = step_derivative(grads, states)
     tangent = {n: scale[n] * u[n] for n in params}
+    if cfg.hypergrad == "finite_difference":
+        dots = _central_difference(module, params, tangent, x_tr, y_tr, cfg)
+    else:
+        dots = _forward_mode_dots(module, params, tangent, x_tr, y_tr, cfg, ce)
+    torch.autograd.backward(weights, dots / batch)
+    return grads, meta_loss, alloc
+
+
+def _forward_mode_dots(module, params, tangent, x_tr, y_tr, cfg, ce) -> Tensor:
+    """``[B, K]`` directional derivatives ⟨tangent, ∇θ l[i,k]⟩: one forward-mode JVP."""
     buffers = _scratch_buffers(module)
     try:  # plain forward-AD API: BatchNorm may update the scratch buffers in place
         with fwAD.dual_level():
@@ -217,10 +234,24 @@ def _jvp_meta_grad(module, params, states, ce, weights, x_tr, y_tr, meta, cfg, c
             dots = fwAD.unpack_dual(per_sample_ce(list(out), y_tr, cfg.label_smoothing)).tangent
     except (RuntimeError, NotImplementedError) as err:
         raise _forward_ad_error(err) from err
-    if dots is None:  # the loss does not depend on θ along the tangent (e.g. u = 0)
-        dots = torch.zeros_like(ce)
-    torch.autograd.backward(weights, dots / batch)
-    return grads, meta_loss, alloc
+    return torch.zeros_like(ce) if dots is None else dots  # None: no dependence along the tangent
+
+
+def _central_difference(module, params, tangent, x_tr, y_tr, cfg) -> Tensor:
+    """The same directional derivatives by ``(l(θ + h v) - l(θ - h v)) / 2h``, ``‖h v‖ = fd_step``.
+
+    Two train-mode forwards (scratch buffers), no AD through the model at all: for models
+    that support neither forward mode nor double backward. Error O(h²) plus rounding.
+    """
+    norm = torch.sqrt(sum((t.float() ** 2).sum() for t in tangent.values()))
+    h = cfg.fd_step / norm.clamp_min(1e-30)
+    outs = []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            shifted = {n: p.detach() + (sign * h).to(p.dtype) * tangent[n] for n, p in params.items()}
+            logits = functional_call(module, (shifted, _scratch_buffers(module)), (x_tr,))
+            outs.append(per_sample_ce(list(logits), y_tr, cfg.label_smoothing))
+    return (outs[0] - outs[1]) / (2 * h)
 
 
 def _autograd_meta_grad(
@@ -228,7 +259,7 @@ def _autograd_meta_grad(
 ):
     """Reference engine: double backward through the virtual step (autograd-aware all-reduces)."""
     loss = weighted_loss(ce, weights)
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True)))
+    grads = _grad(loss, params, create_graph=True)
     if global_sync:
         flat = coll.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads.values()])) / coll.world_size
         grads = _unflatten(flat, grads)
@@ -306,6 +337,12 @@ def _upcast(z: Tensor) -> Tensor:
 def _scratch_buffers(module: nn.Module) -> dict[str, Tensor]:
     """Copies of the buffers: virtual forwards in train mode update these, never the model's."""
     return {n: b.clone() for n, b in module.named_buffers()}
+
+
+def _grad(loss: Tensor, wrt: dict[str, Tensor], **kw) -> dict[str, Tensor]:
+    """``autograd.grad`` by name; parameters the loss does not reach get zeros."""
+    grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True, **kw)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(wrt.items(), grads)}
 
 
 def _unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,7 +1,7 @@
 """GPU check of MSDNet (one short run): CPU/GPU agreement, forward-mode AD through
 cuDNN BatchNorm in train mode (adjoint identity vs reverse mode), and step timings.
 
-    python tools/bench/msdnet_gpu_check.py [--out results.json] [--batch 128]
+    python bench/msdnet_gpu_check.py [--out results.json] [--batch 128]
 """
 
 from __future__ import annotations
