@@ -22,8 +22,11 @@ NUM_CLASSES = 4
 
 @pytest.fixture(scope="module")
 def tiny_spec(tmp_path_factory) -> str:
-    """256 training, 64 held-out, 64 test images of 4 classes, each class a different colour + noise."""
-    folder = tmp_path_factory.mktemp("tiny_data")
+    return make_tiny_spec(tmp_path_factory.mktemp("tiny_data"))
+
+
+def make_tiny_spec(folder: Path) -> str:
+    """320 training (64 held out) and 64 test images of 4 classes: a colour per class + noise."""
     rng = np.random.default_rng(0)
 
     def make(n):

@@ -1,0 +1,398 @@
+"""Training backends: how the real update is applied across ranks, behind one small interface.
+
+The trainer and the L2W step need four things from "the backend": a module to call
+forward on (``model``: DDP / DeepSpeed engine / the plain module, so that gradient
+reduction is set up), the unwrapped module (``module``: state dicts and
+``torch.func.functional_call``), a :class:`~l2w_dist.meta.update.RealUpdate`
+(``update``: the optimizer state the virtual step mimics, plus backward / step), and
+learning-rate and checkpoint access. Everything DeepSpeed-specific stays in this file
+and :mod:`l2w_dist.dist.zero_state`; the algorithm never imports it.
+
+Kinds: ``none`` (one process, or DDP-free debugging), ``ddp`` (torch
+DistributedDataParallel: gloo on CPU, NCCL on GPU) and ``deepspeed`` (ZeRO stage 0, 1
+or 2; stage 3 is refused, see :data:`ZERO3_REFUSAL`).
+
+Checkpoints are portable: every backend's ``optimizer_state_dict()`` has the format of
+``torch.optim.Optimizer.state_dict()`` over the module's parameters in the original
+param-group order — DeepSpeed's sharded state is gathered into it — so a run can
+resume under another backend or another number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from l2w_dist.dist.env import DistEnv
+from l2w_dist.dist.sync_bn import convert_sync_batchnorm
+from l2w_dist.dist.zero_state import ZeroStateView, optimizer_kind, param_state
+from l2w_dist.meta.update import ParamOptState, RealUpdate, TorchOptimizerUpdate
+
+KINDS = ("none", "ddp", "deepspeed")
+PRECISIONS = ("fp32", "bf16")
+ZERO_STAGES = (0, 1, 2)
+
+ZERO3_REFUSAL = (
+    "DeepSpeed ZeRO stage 3 is not supported with L2W: stage 3 partitions the parameters "
+    "themselves and gathers them only inside each submodule's forward hooks, but the L2W "
+    "pseudo step evaluates the model at θ′ = θ − lr·(optimizer step) with "
+    "torch.func.functional_call / torch.func.jvp, which needs every full parameter, its full "
+    "gradient and its full optimizer state at once, outside those hooks. Materialising them on "
+    "each rank would hold the whole model and optimizer state per GPU — exactly what stage 3 "
+    "exists to avoid — so it would be stage 2 with extra all-gathers. Use zero_stage=2 "
+    "(optimizer state and gradients sharded) or 1."
+)
+
+
+class TrainBackend:
+    """What the trainer and the L2W step use; see the module docstring.
+
+    Attributes: ``model`` (call forward on it), ``module`` (the unwrapped model),
+    ``update`` (a :class:`RealUpdate`), ``env``, ``kind``, ``precision``.
+    """
+
+    kind: str = "none"
+
+    def __init__(
+        self, model: nn.Module, module: nn.Module, update: RealUpdate, env: DistEnv, precision: str = "fp32"
+    ):
+        self.model = model
+        self.module = module
+        self.update = update
+        self.env = env
+        self.precision = precision
+
+    # -- learning rate ---------------------------------------------------------------
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return self.update.optimizer.param_groups  # type: ignore[attr-defined]
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every param group (the trainer's schedule calls this each step)."""
+        for g in self._param_groups():
+            g["lr"] = lr
+
+    def get_lr(self) -> float:
+        return float(self._param_groups()[0]["lr"])
+
+    # -- checkpoints -------------------------------------------------------------------
+    def optimizer_state_dict(self) -> dict:
+        """``torch.optim``-format state dict (full, unsharded; identical on every rank)."""
+        return self.update.optimizer.state_dict()  # type: ignore[attr-defined]
+
+    def load_optimizer_state_dict(self, sd: dict) -> None:
+        self.update.optimizer.load_state_dict(sd)  # type: ignore[attr-defined]
+
+    # -- numerics ------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context for forwards outside ``model`` (functional calls of the L2W step)."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+class PlainBackend(TrainBackend):
+    kind = "none"
+
+
+class DDPBackend(TrainBackend):
+    kind = "ddp"
+
+
+# ---------------------------------------------------------------------------------------
+# DeepSpeed
+# ---------------------------------------------------------------------------------------
+
+
+class DeepSpeedUpdate:
+    """:class:`RealUpdate` over a DeepSpeed engine (ZeRO stage 0, 1 or 2).
+
+    ``virtual_state`` gathers the full optimizer state from the ZeRO partitions (one
+    all-gather per param group and buffer: a collective, so every rank must call it,
+    which the L2W step does). Gathering was chosen over "each rank steps its own shard
+    and all-gathers θ′" because the L2W step needs more than θ′: the ``jvp`` engine
+    scales its tangent by the optimizer's per-parameter derivative (for AdamW a
+    diagonal built from ``exp_avg_sq``), and the algorithm is written once, for full
+    tensors, with no knowledge of shards. The traffic is the same |θ| floats per buffer
+    either way (comparable to the gradient all-reduce the pseudo step already does),
+    and the gathered copy is freed after the step.
+    """
+
+    def __init__(self, engine, module: nn.Module, kind: str, param_groups: list[list[nn.Parameter]]):
+        self.engine = engine
+        self.module = module
+        self.kind = kind
+        self.steps = 0  # real steps taken; SGD's ``step`` (torch's SGD keeps no count)
+        self._param_groups = param_groups  # the user's groups, before DeepSpeed flattened them
+        zero = engine.optimizer
+        self.view = (
+            ZeroStateView(zero, module, kind) if hasattr(zero, "single_partition_of_fp32_groups") else None
+        )
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The base torch optimizer: its param_groups carry lr etc. (under ZeRO, over flat shards)."""
+        opt = self.engine.optimizer
+        return opt.optimizer if self.view is not None else opt
+
+    def _named_full_state(self, names: set[str] | None = None) -> dict[str, ParamOptState]:
+        if self.view is not None:
+            return self.view.full_state(self.steps, names)
+        # stage 0: the engine's optimizer is the torch optimizer over the real parameters
+        name_of = {id(p): n for n, p in self.module.named_parameters()}
+        out = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                name = name_of[id(p)]
+                if names is not None and name not in names:
+                    continue
+                st = self.optimizer.state.get(p, {})
+                step = int(st["step"]) if self.kind == "adamw" and "step" in st else self.steps
+                out[name] = param_state(self.kind, group, st, step)
+        return out
+
+    def virtual_state(self, params: dict[str, Tensor]) -> dict[str, ParamOptState]:
+        out = self._named_full_state(set(params))
+        missing = sorted(set(params) - set(out))
+        if missing:
+            raise KeyError(
+                f"DeepSpeed optimizes no parameter named {missing[:5]} (frozen or not in the engine?)"
+            )
+        return out
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+        self.steps += 1
+
+    def step_with_grads(self, grads: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+        """Real step from given (already globally averaged) gradients (``real_weights="pre_update"``).
+
+        ZeRO only accepts gradients through its backward hooks (which reduce-scatter them
+        into the owning rank's partition), so the gradients go in as the backward of the
+        surrogate ``Σ ⟨p, g⟩``, whose gradient is ``g``; ZeRO's average of the identical
+        ``g`` over ranks is ``g`` again. Cost: one gradient reduce-scatter, as a real backward.
+        """
+        surrogate = sum((p * grads[n].detach()).sum() for n, p in params.items())
+        self.engine.backward(surrogate)
+        self.step()
+
+    # -- portable (torch-format) optimizer state dict -------------------------------------
+    def _indexed_params(self) -> Iterator[tuple[int, int, nn.Parameter]]:
+        idx = 0
+        for gi, params in enumerate(self._param_groups):
+            for p in params:
+                yield gi, idx, p
+                idx += 1
+
+    def state_dict(self) -> dict:
+        full = self._named_full_state()
+        name_of = {id(p): n for n, p in self.module.named_parameters()}
+        state: dict[int, dict[str, Tensor]] = {}
+        group_params: list[list[int]] = [[] for _ in self._param_groups]
+        for gi, idx, p in self._indexed_params():
+            group_params[gi].append(idx)
+            s = full.get(name_of.get(id(p), ""))
+            if s is None:
+                continue
+            if self.kind == "sgd" and s.momentum_buffer is not None:
+                state[idx] = {"momentum_buffer": s.momentum_buffer.detach().clone()}
+            elif self.kind == "adamw" and s.exp_avg is not None:
+                state[idx] = {
+                    "step": torch.tensor(float(s.step)),
+                    "exp_avg": s.exp_avg.detach().clone(),
+                    "exp_avg_sq": s.exp_avg_sq.detach().clone(),
+                }
+        groups = []
+        for gi, g in enumerate(self.optimizer.param_groups):
+            hyper = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            groups.append({**hyper, "params": group_params[gi]})
+        return {"state": state, "param_groups": groups, "l2w_real_steps": self.steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if len(sd["param_groups"]) != len(self._param_groups):
+            raise ValueError(
+                f"optimizer state dict has {len(sd['param_groups'])} param groups, this optimizer "
+                f"{len(self._param_groups)}"
+            )
+        for g, saved in zip(self.optimizer.param_groups, sd["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        name_of = {id(p): n for n, p in self.module.named_parameters()}
+        per_name: dict[str, dict[str, Tensor]] = {}
+        step = 0
+        for _gi, idx, p in self._indexed_params():
+            st = sd["state"].get(idx, sd["state"].get(str(idx)))
+            if st:
+                per_name[name_of[id(p)]] = {k: v for k, v in st.items() if k != "step"}
+                if "step" in st:
+                    step = max(step, int(float(st["step"])))
+        self.steps = int(sd.get("l2w_real_steps", step))
+        if self.view is not None:
+            self.view.load_full_state(per_name, step)
+            return
+        by_name = dict(self.module.named_parameters())
+        for name, bufs in per_name.items():
+            st = self.optimizer.state.setdefault(by_name[name], {})
+            st.update({k: v.to(by_name[name]) for k, v in bufs.items()})
+            if self.kind == "adamw":
+                st["step"] = torch.tensor(float(step))
+
+
+class DeepSpeedBackend(TrainBackend):
+    kind = "deepspeed"
+
+    def optimizer_state_dict(self) -> dict:
+        return self.update.state_dict()  # type: ignore[attr-defined]
+
+    def load_optimizer_state_dict(self, sd: dict) -> None:
+        self.update.load_state_dict(sd)  # type: ignore[attr-defined]
+
+
+def _only_engine_backward_is_real(engine) -> None:
+    """Let ``torch.autograd.grad`` through an engine forward be just a gradient, not a training backward.
+
+    DeepSpeed 0.19 hooks the outputs of ``engine(x)``: the first backward that reaches
+    them starts ZeRO's backward prologue and queues its gradient-reduction epilogue. The
+    L2W step differentiates the shared train forward twice — ``autograd.grad`` for the
+    pseudo-step gradient, then ``engine.backward`` for the real update — and only the
+    second is a training backward (the first must not reduce or clear anything; it
+    accumulates no ``.grad``, so ZeRO's per-parameter hooks do not fire for it). We run
+    the prologue only inside ``engine.backward``, which DeepSpeed flags with
+    ``_running_engine_backward``.
+    """
+    for attr in ("_backward_prologue", "_running_engine_backward"):
+        if not hasattr(engine, attr):
+            raise RuntimeError(
+                f"this DeepSpeed version's engine has no {attr}; the L2W DeepSpeed backend was written "
+                "for DeepSpeed 0.19 (see l2w_dist/dist/backends.py)"
+            )
+    prologue = engine._backward_prologue
+
+    def guarded_prologue() -> None:
+        if engine._running_engine_backward:
+            prologue()
+
+    engine._backward_prologue = guarded_prologue
+
+
+def deepspeed_config(
+    zero_stage: int,
+    grad_clip: float | None,
+    precision: str,
+    micro_batch_size: int = 1,
+    overrides: dict | None = None,
+) -> dict:
+    """The explicit DeepSpeed config we run with (every default that matters spelled out).
+
+    ``gradient_clipping`` defaults to 1.0 in DeepSpeed; we set it to ``grad_clip`` or 0
+    (off) so DeepSpeed and DDP apply the same update. ``zero_allow_untested_optimizer``
+    lets a plain torch optimizer be sharded (DeepSpeed's own fused optimizers would
+    compile C++ ops for minutes on first use). bf16 uses DeepSpeed's ``torch_autocast``,
+    which keeps fp32 parameters and master state, as DDP + autocast does.
+    """
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(grad_clip or 0.0),
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if overrides:
+        cfg.update(overrides)
+    return cfg
+
+
+def build_backend(
+    kind: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    env: DistEnv,
+    zero_stage: int = 0,
+    grad_clip: float | None = None,
+    precision: str = "fp32",
+    sync_batchnorm: bool = False,
+    micro_batch_size: int = 1,
+    deepspeed_overrides: dict | None = None,
+) -> TrainBackend:
+    """Wrap ``model`` and ``optimizer`` (built over ``model.parameters()``) for training.
+
+    ``kind``: "none" | "ddp" | "deepspeed". ``zero_stage`` (deepspeed only): 0, 1 or 2.
+    ``sync_batchnorm`` replaces BatchNorm layers by :class:`~l2w_dist.dist.sync_bn.GlobalBatchNorm`
+    (statistics over all ranks, in every forward of the L2W step, on CPU and GPU).
+    The model is moved to ``env.device``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"backend kind={kind!r}; expected one of {KINDS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}")
+    if kind == "deepspeed":
+        if zero_stage == 3:
+            raise ValueError(ZERO3_REFUSAL)
+        if zero_stage not in ZERO_STAGES:
+            raise ValueError(
+                f"zero_stage={zero_stage!r}; expected one of {ZERO_STAGES} (3 is refused with L2W)"
+            )
+    elif zero_stage != 0:
+        raise ValueError(f"zero_stage={zero_stage} is a DeepSpeed setting; kind={kind!r} takes zero_stage=0")
+    kind_opt = optimizer_kind(optimizer)
+    if sync_batchnorm:
+        model = convert_sync_batchnorm(model)
+    model.to(env.device)
+    grouped = [list(g["params"]) for g in optimizer.param_groups]
+    if kind == "none":
+        return PlainBackend(model, model, TorchOptimizerUpdate(optimizer, grad_clip), env, precision)
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"backend kind={kind!r} needs an initialised process group (launch with torchrun or srun "
+            "and call l2w_dist.dist.init_distributed()); for a single process use kind='none'"
+        )
+    if kind == "ddp":
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return DDPBackend(ddp, model, TorchOptimizerUpdate(optimizer, grad_clip), env, precision)
+
+    import deepspeed  # imported here: it is slow to import and only this kind needs it
+
+    cfg = deepspeed_config(zero_stage, grad_clip, precision, micro_batch_size, deepspeed_overrides)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=cfg, dist_init_required=False
+    )
+    _only_engine_backward_is_real(engine)
+    if zero_stage == 2:
+        # DeepSpeed's no_sync asserts under ZeRO-2 (gradients are reduce-scattered into
+        # partitions at every backward, so there is no "skip the sync"). The L2W step enters
+        # ``model.no_sync()`` around its shared forward with real_weights="pre_update" (for
+        # DDP, whose reducer would otherwise wait for a backward that never comes); DeepSpeed
+        # needs nothing there, so under ZeRO-2 it is a no-op.
+        engine.no_sync = contextlib.nullcontext
+    update = DeepSpeedUpdate(engine, engine.module, kind_opt, grouped)
+    return DeepSpeedBackend(engine, engine.module, update, env, precision)
+
+
+__all__ = [
+    "KINDS",
+    "ZERO3_REFUSAL",
+    "DeepSpeedBackend",
+    "DeepSpeedUpdate",
+    "DDPBackend",
+    "PlainBackend",
+    "TrainBackend",
+    "build_backend",
+    "deepspeed_config",
+]
