@@ -157,7 +157,7 @@ class TrainingRun(submitit.helpers.Checkpointable):
         rank = dist_env.rank
         out = Path(self.output)
         if self.wandb_run_id:  # the id the launcher printed a link for; the trainer's logger uses it
-            os.environ["L2W_WANDB_RUN_ID"] = self.wandb_run_id  # (a resumed run keeps its checkpoint's id)
+            os.environ["WANDB_RUN_ID"] = self.wandb_run_id  # read by wandb.init(id=None); a resume keeps its id
         log = RequeueLog(out)
         job_id = _job_key(env)
         if rank == 0:

@@ -85,7 +85,7 @@ def run_training(config, output, overrides=(), stop_requested=None) -> dict:
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
     seen = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                           "MASTER_PORT", "L2W_WANDB_RUN_ID")}
+                                           "MASTER_PORT", "WANDB_RUN_ID")}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"env_rank{rank}.json").write_text(json.dumps(seen))
     max_steps = _max_steps(overrides)

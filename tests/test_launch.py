@@ -241,11 +241,15 @@ def demo_data(tmp_path_factory):
 def test_demo_runs_without_slurm(tmp_path, demo_data, cluster, tasks):
     """The same job as on Slurm: --cluster debug (one rank, in process), --cluster local (2 gloo ranks)."""
     out = tmp_path / "run"
+    wandb = ["wandb.mode=offline", "wandb.project=l2wtest"] if cluster == "debug" else []
     res = run_launcher(["--cluster", cluster, "--gpus-per-node", "0", "--tasks-per-node", str(tasks),
                         "--config", str(REPO / "configs" / "demo.yaml"), "--output", str(out),
-                        *demo_overrides(demo_data, 4)], timeout=300)
+                        *demo_overrides(demo_data, 4), *wandb], timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "finished at step 4; top-1 per exit:" in res.stdout
+    if wandb:  # the link printed at submission names the run the trainer logs to
+        run_id = re.search(r"W&B:\s+https://wandb.ai/<your-entity>/l2wtest/runs/(\w+)", res.stdout).group(1)
+        assert list((out / "wandb").glob(f"offline-run-*-{run_id}")), sorted((out / "wandb").iterdir())
     result = json.loads((out / "eval.json").read_text())
     assert len(result["anytime"]) == 3 and len(result["budgeted"]) == 39
     log = requeue_log(out)
@@ -286,7 +290,7 @@ def test_wandb_link_is_printed_and_its_run_id_reaches_the_job(tmp_path, tiny_con
     assert res.returncode == 0, res.stdout + res.stderr
     link = re.search(r"W&B:\s+https://wandb.ai/team/proj/runs/(\w+) \(offline", res.stdout)
     assert link, res.stdout
-    assert json.loads((out / "env_rank0.json").read_text())["L2W_WANDB_RUN_ID"] == link.group(1)
+    assert json.loads((out / "env_rank0.json").read_text())["WANDB_RUN_ID"] == link.group(1)
     res = run_launcher(["--cluster", "debug", "--config", str(tiny_config), "--output", str(tmp_path / "off"),
                         "--trainer", STAND_IN, "train.max_steps=2"], env=launcher_env(step_s=0.0))
     assert "W&B" not in res.stdout
