@@ -185,6 +185,12 @@ class TrainingRun(submitit.helpers.Checkpointable):
         status = result.get("status")
         if status == "finished":
             self._finished = True
+            if cluster != "debug":
+                # Done: a time-limit warning or SIGTERM arriving now must not kill the process
+                # while submitit writes the result. SIG_IGN (unlike a Python handler, which the
+                # interpreter resets to the default when it shuts down) lasts until the exit.
+                signal.signal(_usr_signal(), signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if rank == 0:
                 log.record("finished", job_id=job_id, step=result.get("step"))
             return result

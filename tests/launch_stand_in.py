@@ -126,6 +126,7 @@ def run_training(config, output, overrides=(), stop_requested=None) -> dict:
             f.write(f"{step}\n")
         time.sleep(step_s)
     save()
+    (out / f"done_rank{rank}").touch()  # the tests signal the job after this point
     if rank == 0:
         (out / "eval.json").write_text('{"anytime": [{"exit": 1, "flops": 1.0, "top1": 50.0, "top5": 90.0}], '
                                       '"budgeted": []}')

@@ -231,6 +231,23 @@ def test_interrupted_job_requeues_and_resumes_exactly(slurm, tmp_path, tiny_conf
     assert envs[0]["MASTER_ADDR"] == socket.gethostname() == envs[1]["MASTER_ADDR"]
 
 
+def test_a_finished_run_is_not_killed_by_a_late_warning(slurm, tmp_path, tiny_config):
+    """USR2 (the time-limit warning) keeps arriving while the finished job writes its result
+    and exits: the job must still end COMPLETED, with its result, and not be requeued."""
+    out = tmp_path / "run"
+    job_id, _ = _submit(["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
+                         "--config", str(tiny_config), "--output", str(out), "--trainer", STAND_IN,
+                         "train.max_steps=5"], env=launcher_env(step_s=0.0))
+    wait_until(lambda: (out / "done_rank0").exists() and (out / "done_rank1").exists(), 90, "the run to finish")
+    deadline = time.monotonic() + 60
+    while _job_state(job_id) in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
+        subprocess.run(["scancel", "--signal=USR2", job_id], capture_output=True, timeout=10)
+        time.sleep(0.02)
+    assert _wait_job(job_id, 60) == "COMPLETED", _logs(out)
+    assert [e["event"] for e in requeue_log(out)["events"]] == ["start", "finished"]
+    assert len(list((out / "submitit").glob(f"{job_id}_*_result.pkl"))) == 2
+
+
 @pytest.mark.slow
 def test_time_limit_warning_requeues_until_done(slurm, tmp_path, tiny_config):
     """A real time limit: --time 1 --signal-delay 45, so Slurm sends USR2 ~15-45 s into every
