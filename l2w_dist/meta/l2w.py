@@ -43,6 +43,7 @@ from torch.func import functional_call
 
 from .allocation import allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
 from .collectives import Collectives, default_collectives
+from .forward_mode import FusedBatchNormJVP
 from .update import RealUpdate, TorchOptimizerUpdate
 from .virtual_step import step_derivative, virtual_step
 from .weight_net import CONSTRAINTS, WPN_INPUTS, normalize_weights, wpn_features
@@ -228,7 +229,7 @@ def _forward_mode_dots(module, params, tangent, x_tr, y_tr, cfg, ce) -> Tensor:
     """``[B, K]`` directional derivatives ⟨tangent, ∇θ l[i,k]⟩: one forward-mode JVP."""
     buffers = _scratch_buffers(module)
     try:  # plain forward-AD API: BatchNorm may update the scratch buffers in place
-        with fwAD.dual_level():
+        with fwAD.dual_level(), FusedBatchNormJVP():  # BatchNorm's JVP as 2 fused kernels (forward_mode.py)
             duals = {n: fwAD.make_dual(p.detach(), tangent[n]) for n, p in params.items()}
             out = functional_call(module, (duals, buffers), (x_tr,))
             dots = fwAD.unpack_dual(per_sample_ce(list(out), y_tr, cfg.label_smoothing)).tangent
