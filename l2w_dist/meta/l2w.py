@@ -162,6 +162,9 @@ def l2w_half_step(
         real.zero_grad()
         real.backward(loss)
         real.step()
+    # θ changed in place: drop autocast's cached bf16 copies of the parameters (and of θ'),
+    # which it would otherwise keep re-using until the caller's autocast context exits.
+    torch.clear_autocast_cache()
     return _stats(loss.detach(), meta_loss.detach(), ce.detach(), weights.detach(), alloc)
 
 
