@@ -129,7 +129,8 @@ def l2w_half_step(
     with no_sync() if no_sync is not None else contextlib.nullcontext():
         logits = list(model(x_tr))
     ce = per_sample_ce(logits, y_tr, cfg.label_smoothing)
-    features = wpn_features(ce, max_confidence(logits), cfg.input)
+    confidences = max_confidence(logits) if cfg.input != "loss" else None  # only "conf" / "both" read them
+    features = wpn_features(ce, confidences, cfg.input)
     num_exits = ce.shape[1]
 
     meta_loss = torch.full((), float("nan"), dtype=ce.dtype, device=ce.device)
