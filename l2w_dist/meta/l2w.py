@@ -219,8 +219,7 @@ def _first_order_meta_grad(
     if global_sync:  # u of the global meta loss; the meta loss value rides along
         flat = coll.all_reduce_sum_(torch.cat([t.reshape(-1) for t in u.values()] + [meta_loss.reshape(1)]))
         u, meta_loss = _unflatten(flat[:-1], u), flat[-1]
-    scale = step_derivative(grads, states)
-    tangent = {n: scale[n] * u[n] for n in params}
+    tangent = _scale(step_derivative(grads, states), u)  # D·u
     if cfg.hypergrad == "finite_difference":
         dots = _central_difference(module, params, tangent, x_tr, y_tr, cfg)
     else:
@@ -340,8 +339,37 @@ def _upcast(z: Tensor) -> Tensor:
 
 
 def _scratch_buffers(module: nn.Module) -> dict[str, Tensor]:
-    """Copies of the buffers: virtual forwards in train mode update these, never the model's."""
-    return {n: b.clone() for n, b in module.named_buffers()}
+    """Copies of the buffers: virtual forwards in train mode update these, never the model's.
+
+    Copied as one flat tensor per (dtype, device) and viewed back (a few kernels, not one per
+    buffer: MSDNet has 330-560 BatchNorm buffers); non-contiguous buffers are cloned.
+    """
+    out: dict[str, Tensor] = {}
+    groups: dict[tuple, list[tuple[str, Tensor]]] = {}
+    for name, b in module.named_buffers():
+        if b.is_contiguous():
+            groups.setdefault((b.dtype, b.device), []).append((name, b))
+        else:
+            out[name] = b.clone()
+    for members in groups.values():
+        flat = torch.cat([b.reshape(-1) for _, b in members])
+        pieces = flat.split([b.numel() for _, b in members])
+        out.update((name, piece.view(b.shape)) for (name, b), piece in zip(members, pieces))
+    return out
+
+
+def _scale(factor: dict[str, Tensor | float], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``factor[n] * tensors[n]``; equal float factors (SGD) by one multi-tensor op."""
+    out: dict[str, Tensor] = {}
+    by_float: dict[float, list[str]] = {}
+    for name, f in factor.items():
+        if isinstance(f, Tensor):
+            out[name] = f * tensors[name]
+        else:
+            by_float.setdefault(f, []).append(name)
+    for f, names in by_float.items():
+        out.update(zip(names, torch._foreach_mul([tensors[n] for n in names], f)))
+    return {name: out[name] for name in factor}
 
 
 def _grad(loss: Tensor, wrt: dict[str, Tensor], **kw) -> dict[str, Tensor]:
