@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
-from .allocation import allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
+from .allocation import _to_device, allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
 from .collectives import Collectives, default_collectives
 from .forward_mode import FusedBatchNormJVP
 from .update import RealUpdate, TorchOptimizerUpdate
@@ -293,7 +293,7 @@ def _meta_loss(module, theta, meta, cfg, coll, global_sync):
     else:
         exit_of = allocate_exits(conf, q)
         counts = exit_counts(conf.shape[0], q)
-    alloc = torch.tensor(counts, dtype=ce.dtype, device=ce.device)
+    alloc = _to_device([float(c) for c in counts], ce)
     return meta_loss_from_allocation(ce, exit_of, counts), alloc
 
 
