@@ -207,7 +207,9 @@ def _first_order_meta_grad(
     """
     batch = ce.shape[0] * (coll.world_size if global_sync else 1)
     loss = weighted_loss(ce, weights.detach())
-    grads = _grad(loss, params, retain_graph=True)
+    # "updated" back-propagates the train forward again in the real update; "pre_update" re-uses
+    # these gradients, so its train-forward activations can be freed now (lower peak memory).
+    grads = _grad(loss, params, retain_graph=cfg.real_weights != "pre_update")
     if global_sync:
         grads = _all_reduce_mean(grads, coll)
     with torch.no_grad():
