@@ -79,3 +79,20 @@ def test_fused_batch_norm_jvp_bf16_channels_last_keeps_dtype_and_format():
     _, t1, _ = _jvp(bn, x, x_t, tangents, fused=True)
     assert t1.dtype == torch.bfloat16 and t1.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(t1.float(), t0.float(), rtol=3e-2, atol=6e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("dtype,fmt", [(torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)])
+def test_fused_batch_norm_jvp_cuda(dtype, fmt):
+    """The CUDA kernels (mixed bf16 input / fp32 statistics) agree with PyTorch's rule."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(16).cuda()
+    x = torch.randn(8, 16, 7, 7, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    x_t = torch.randn_like(x)
+    tangents = {"weight": torch.randn(16, device="cuda"), "bias": torch.randn(16, device="cuda")}
+    p0, t0, _ = _jvp(bn, x, x_t, tangents, fused=False)
+    p1, t1, _ = _jvp(bn, x, x_t, tangents, fused=True)
+    assert t1.dtype == dtype and t1.is_contiguous(memory_format=fmt)
+    tol = dict(rtol=3e-2, atol=6e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(p1.float(), p0.float(), **tol)
+    torch.testing.assert_close(t1.float(), t0.float(), **tol)
