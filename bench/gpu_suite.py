@@ -72,19 +72,19 @@ def time_variant(ns: argparse.Namespace, variant: str) -> dict:
     torch.set_num_threads(ns.threads)
     one_iteration = meta_step.build_variant(ns, variant)
     cuda = ns.device == "cuda"
-    with torch.autocast(ns.device, dtype=torch.bfloat16, enabled=ns.dtype == "bf16"):
-        for _ in range(ns.warmup):
-            one_iteration()
+    # one_iteration enters autocast itself (per iteration, as the trainer does)
+    for _ in range(ns.warmup):
+        one_iteration()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(ns.iters):
+        t0 = time.perf_counter()
+        one_iteration()
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(ns.iters):
-            t0 = time.perf_counter()
-            one_iteration()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - t0))
+        times.append(1000 * (time.perf_counter() - t0))
     times.sort()
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
     return {"variant": variant, "ms_median": times[len(times) // 2], "ms_min": times[0], "peak_mb": peak}

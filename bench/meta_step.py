@@ -160,6 +160,13 @@ def build_variant(args: argparse.Namespace, v: str):
     forward = torch.compile(model) if v == "plain_compile" else model
 
     def one_iteration():
+        # autocast per iteration, as the trainer does: autocast caches the bf16 copy of each
+        # parameter until its outermost context exits, so one context around many optimizer
+        # steps would keep re-using the first iteration's weights (stale, and no casts to pay).
+        with _autocast(args):
+            _one_iteration()
+
+    def _one_iteration():
         if v in ("plain", "plain_compile"):
             loss = sum(F.cross_entropy(z.float(), y) for z in forward(x))
             opt.zero_grad()
@@ -194,13 +201,12 @@ def run_variant(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     one_iteration = build_variant(args, args.variant)
     rss0 = _rss_kb("VmRSS") if args.device == "cpu" else 0
-    with _autocast(args):
-        for _ in range(args.warmup):
-            one_iteration()
-        _sync(args.device)
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = sorted(_timed(args, one_iteration) for _ in range(max(1, min(args.iters, 2))))
+    for _ in range(args.warmup):
+        one_iteration()
+    _sync(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = sorted(_timed(args, one_iteration) for _ in range(max(1, min(args.iters, 2))))
     if args.device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -213,13 +219,12 @@ def interleaved_times(args: argparse.Namespace, variants: list[str]) -> dict[str
     torch.set_num_threads(args.threads)
     fns = {v: build_variant(args, v) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
-    with _autocast(args):
+    for v in variants:
+        for _ in range(args.warmup):
+            fns[v]()
+    for _ in range(args.iters):
         for v in variants:
-            for _ in range(args.warmup):
-                fns[v]()
-        for _ in range(args.iters):
-            for v in variants:
-                times[v].append(_timed(args, fns[v]))
+            times[v].append(_timed(args, fns[v]))
     return times
 
 

@@ -60,5 +60,15 @@ def meta_loss_from_allocation(ce: Tensor, exit_of: Tensor, counts: list[int]) ->
     """
     picked = ce.gather(1, exit_of.unsqueeze(1)).squeeze(1)
     sums = torch.zeros(ce.shape[1], dtype=ce.dtype, device=ce.device).index_add(0, exit_of, picked)
-    inv = torch.tensor([1.0 / c if c > 0 else 0.0 for c in counts], dtype=ce.dtype, device=ce.device)
+    inv = _to_device([1.0 / c if c > 0 else 0.0 for c in counts], ce)
     return (sums * inv).sum()
+
+
+def _to_device(values: list[float], like: Tensor) -> Tensor:
+    """A small host list as a tensor on ``like``'s device without a host sync.
+
+    ``torch.tensor(values, device="cuda")`` is a blocking copy, which synchronises the
+    stream (the CPU waits for all queued GPU work) in the middle of the meta step;
+    ``non_blocking`` from pageable memory stages the bytes and returns at once.
+    """
+    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)

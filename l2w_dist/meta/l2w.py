@@ -41,8 +41,9 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
-from .allocation import allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
+from .allocation import _to_device, allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
 from .collectives import Collectives, default_collectives
+from .forward_mode import FusedBatchNormJVP
 from .update import RealUpdate, TorchOptimizerUpdate
 from .virtual_step import step_derivative, virtual_step
 from .weight_net import CONSTRAINTS, WPN_INPUTS, normalize_weights, wpn_features
@@ -128,7 +129,8 @@ def l2w_half_step(
     with no_sync() if no_sync is not None else contextlib.nullcontext():
         logits = list(model(x_tr))
     ce = per_sample_ce(logits, y_tr, cfg.label_smoothing)
-    features = wpn_features(ce, max_confidence(logits), cfg.input)
+    confidences = max_confidence(logits) if cfg.input != "loss" else None  # only "conf" / "both" read them
+    features = wpn_features(ce, confidences, cfg.input)
     num_exits = ce.shape[1]
 
     meta_loss = torch.full((), float("nan"), dtype=ce.dtype, device=ce.device)
@@ -161,6 +163,9 @@ def l2w_half_step(
         real.zero_grad()
         real.backward(loss)
         real.step()
+    # θ changed in place: drop autocast's cached bf16 copies of the parameters (and of θ'),
+    # which it would otherwise keep re-using until the caller's autocast context exits.
+    torch.clear_autocast_cache()
     return _stats(loss.detach(), meta_loss.detach(), ce.detach(), weights.detach(), alloc)
 
 
@@ -202,7 +207,9 @@ def _first_order_meta_grad(
     """
     batch = ce.shape[0] * (coll.world_size if global_sync else 1)
     loss = weighted_loss(ce, weights.detach())
-    grads = _grad(loss, params, retain_graph=True)
+    # "updated" back-propagates the train forward again in the real update; "pre_update" re-uses
+    # these gradients, so its train-forward activations can be freed now (lower peak memory).
+    grads = _grad(loss, params, retain_graph=cfg.real_weights != "pre_update")
     if global_sync:
         grads = _all_reduce_mean(grads, coll)
     with torch.no_grad():
@@ -214,8 +221,7 @@ def _first_order_meta_grad(
     if global_sync:  # u of the global meta loss; the meta loss value rides along
         flat = coll.all_reduce_sum_(torch.cat([t.reshape(-1) for t in u.values()] + [meta_loss.reshape(1)]))
         u, meta_loss = _unflatten(flat[:-1], u), flat[-1]
-    scale = step_derivative(grads, states)
-    tangent = {n: scale[n] * u[n] for n in params}
+    tangent = _scale(step_derivative(grads, states), u)  # D·u
     if cfg.hypergrad == "finite_difference":
         dots = _central_difference(module, params, tangent, x_tr, y_tr, cfg)
     else:
@@ -228,7 +234,7 @@ def _forward_mode_dots(module, params, tangent, x_tr, y_tr, cfg, ce) -> Tensor:
     """``[B, K]`` directional derivatives ⟨tangent, ∇θ l[i,k]⟩: one forward-mode JVP."""
     buffers = _scratch_buffers(module)
     try:  # plain forward-AD API: BatchNorm may update the scratch buffers in place
-        with fwAD.dual_level():
+        with fwAD.dual_level(), FusedBatchNormJVP():  # BatchNorm's JVP as 2 fused kernels (forward_mode.py)
             duals = {n: fwAD.make_dual(p.detach(), tangent[n]) for n, p in params.items()}
             out = functional_call(module, (duals, buffers), (x_tr,))
             dots = fwAD.unpack_dual(per_sample_ce(list(out), y_tr, cfg.label_smoothing)).tangent
@@ -289,7 +295,7 @@ def _meta_loss(module, theta, meta, cfg, coll, global_sync):
     else:
         exit_of = allocate_exits(conf, q)
         counts = exit_counts(conf.shape[0], q)
-    alloc = torch.tensor(counts, dtype=ce.dtype, device=ce.device)
+    alloc = _to_device([float(c) for c in counts], ce)
     return meta_loss_from_allocation(ce, exit_of, counts), alloc
 
 
@@ -335,8 +341,37 @@ def _upcast(z: Tensor) -> Tensor:
 
 
 def _scratch_buffers(module: nn.Module) -> dict[str, Tensor]:
-    """Copies of the buffers: virtual forwards in train mode update these, never the model's."""
-    return {n: b.clone() for n, b in module.named_buffers()}
+    """Copies of the buffers: virtual forwards in train mode update these, never the model's.
+
+    Copied as one flat tensor per (dtype, device) and viewed back (a few kernels, not one per
+    buffer: MSDNet has 330-560 BatchNorm buffers); non-contiguous buffers are cloned.
+    """
+    out: dict[str, Tensor] = {}
+    groups: dict[tuple, list[tuple[str, Tensor]]] = {}
+    for name, b in module.named_buffers():
+        if b.is_contiguous():
+            groups.setdefault((b.dtype, b.device), []).append((name, b))
+        else:
+            out[name] = b.clone()
+    for members in groups.values():
+        flat = torch.cat([b.reshape(-1) for _, b in members])
+        pieces = flat.split([b.numel() for _, b in members])
+        out.update((name, piece.view(b.shape)) for (name, b), piece in zip(members, pieces))
+    return out
+
+
+def _scale(factor: dict[str, Tensor | float], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``factor[n] * tensors[n]``; equal float factors (SGD) by one multi-tensor op."""
+    out: dict[str, Tensor] = {}
+    by_float: dict[float, list[str]] = {}
+    for name, f in factor.items():
+        if isinstance(f, Tensor):
+            out[name] = f * tensors[name]
+        else:
+            by_float.setdefault(f, []).append(name)
+    for f, names in by_float.items():
+        out.update(zip(names, torch._foreach_mul([tensors[n] for n in names], f)))
+    return {name: out[name] for name in factor}
 
 
 def _grad(loss: Tensor, wrt: dict[str, Tensor], **kw) -> dict[str, Tensor]:

@@ -29,7 +29,11 @@ def virtual_step(
 ) -> dict[str, Tensor]:
     """θ' for every named parameter; differentiable in ``grads`` (and ``params``) when they carry graphs."""
     out: dict[str, Tensor] = {}
+    if not torch.is_grad_enabled():  # no graph needed (the jvp engine): SGD by multi-tensor ops
+        out = _sgd_foreach(params, grads, states)
     for name, p in params.items():
+        if name in out:
+            continue
         s, g = states[name], grads[name]
         if s.kind == "sgd":
             d = g if s.weight_decay == 0 else g + s.weight_decay * p
@@ -46,6 +50,38 @@ def virtual_step(
             out[name] = p * (1 - s.lr * s.weight_decay) - (s.lr / bc1) * m / den
         else:
             raise ValueError(f"optimizer kind {s.kind!r} is not one of ('sgd', 'adamw')")
+    return out
+
+
+def _sgd_foreach(
+    params: dict[str, Tensor], grads: dict[str, Tensor], states: dict[str, ParamOptState]
+) -> dict[str, Tensor]:
+    """The SGD branch of :func:`virtual_step` for all SGD parameters at once, without autograd.
+
+    Parameters sharing hyper-parameters (and whether a momentum buffer exists) are stepped
+    with ``torch._foreach_*`` ops, as ``torch.optim.SGD(foreach=True)`` does: a handful of
+    kernels per group instead of ~7 per parameter (MSDNet has 340-570 parameter tensors,
+    and on a GPU each small kernel costs a launch). Same formula as the loop.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, s in states.items():
+        if s.kind == "sgd" and name in params:
+            key = (s.lr, s.weight_decay, s.momentum, s.dampening, s.nesterov, s.momentum_buffer is None)
+            groups.setdefault(key, []).append(name)
+    out: dict[str, Tensor] = {}
+    for (lr, wd, momentum, dampening, nesterov, no_buffer), names in groups.items():
+        p = [params[n] for n in names]
+        d = [grads[n] for n in names]
+        if wd != 0:
+            d = torch._foreach_add(d, p, alpha=wd)
+        if momentum != 0:
+            if no_buffer:
+                buf = d
+            else:
+                buf = torch._foreach_mul([states[n].momentum_buffer for n in names], momentum)
+                torch._foreach_add_(buf, d, alpha=1 - dampening)
+            d = torch._foreach_add(d, buf, alpha=momentum) if nesterov else buf
+        out.update(zip(names, torch._foreach_add(p, d, alpha=-lr)))
     return out
 
 

@@ -70,8 +70,10 @@ def normalize_weights(
     return 1.0 + epsilon * (scores - centre)
 
 
-def wpn_features(losses: Tensor, confidences: Tensor, input: str) -> Tensor:
-    """The (detached) per-sample WPN input for ``input`` in ``loss`` / ``conf`` / ``both``."""
+def wpn_features(losses: Tensor, confidences: Tensor | None, input: str) -> Tensor:
+    """The (detached) per-sample WPN input for ``input`` in ``loss`` / ``conf`` / ``both``.
+
+    ``confidences`` may be None for ``input="loss"`` (the step then skips computing them)."""
     if input == "loss":
         return losses.detach()
     if input == "conf":
