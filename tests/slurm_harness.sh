@@ -38,7 +38,7 @@ start() {
     chown slurm:slurm /var/spool/slurmctld /var/log/slurm
     chmod 1777 "$RUN"
     local cpus mem_mb
-    cpus="$(nproc)"
+    cpus="$(getconf _NPROCESSORS_ONLN)"  # not nproc: it honours OMP_NUM_THREADS
     mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
     sed -e "s/@HOSTNAME@/$host/g" -e "s/@CPUS@/$cpus/g" -e "s/@MEMORY_MB@/$mem_mb/g" \
         "$HERE/slurm/slurm.conf.in" > "$CONF"
