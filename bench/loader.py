@@ -52,6 +52,8 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int], classes: int = 10, see
 def decode_rate(paths: list[Path], transform) -> tuple[float, float]:
     """Single process, one thread: (decode-only img/s, decode + transform img/s)."""
     blobs = [p.read_bytes() for p in paths]
+    for b in blobs[:16]:  # warm-up: the first decodes pay for library loading and cold caches
+        transform(Image.open(io.BytesIO(b)).convert("RGB"))
     t = time.perf_counter()
     imgs = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
     t_dec = time.perf_counter() - t

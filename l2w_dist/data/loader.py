@@ -2,11 +2,12 @@
 length, and an exact evaluation loader (every sample once across ranks × workers).
 
 Both are built from webdataset's pipeline stages (``ResampledShards``/``SimpleShardList``,
-``tarfile_to_samples``, ``shuffle``, ``decode``, ``to_tuple``, ``batched``, ``with_epoch``)
-inside a small ``IterableDataset`` that knows its rank and DataLoader worker explicitly
-(wds's ``split_by_node`` reads the rank from the environment / the default process group;
-taking it as an argument lets one process simulate many ranks in tests and lets the
-trainer use sub-groups).
+``url_opener``, ``group_by_keys``, ``shuffle``, ``decode``, ``to_tuple``, ``batched``,
+``with_epoch``; tar members are read by the lean :mod:`l2w_dist.data.tarstream`) inside a
+small ``IterableDataset`` that knows its rank and DataLoader worker explicitly (wds's
+``split_by_node`` reads the rank from the environment / the default process group; taking it
+as an argument lets one process simulate many ranks in tests and lets the trainer use
+sub-groups).
 
 Training (see docs/data.md, "Resuming"): the epoch has ``num_batches`` batches per rank.
 Global batch ``i`` of an epoch is produced by DataLoader worker ``i % W`` as its
@@ -32,6 +33,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
+
+from l2w_dist.data.tarstream import tar_samples
 
 log = logging.getLogger("l2w_dist.data")
 
@@ -283,7 +286,7 @@ class _Stream(IterableDataset):
         bs = c["batch_size"]
         pipe = wds.DataPipeline(
             source,
-            wds.tarfile_to_samples(handler=guard),
+            tar_samples(handler=guard),
             guard.count,
             *sample_filter,
             wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"], rng=random.Random(seed)),
@@ -302,7 +305,7 @@ class _Stream(IterableDataset):
         guard = self._guard(worker)
         return wds.DataPipeline(
             wds.SimpleShardList([c["urls"][i] for i in mine]),
-            wds.tarfile_to_samples(handler=guard),
+            tar_samples(handler=guard),
             guard.count,
             *([_every(stride, offset)] if stride > 1 else []),
             *self._decode_stages(guard),
