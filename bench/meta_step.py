@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
+                    help="real optimizer (the released loop 'reference' is SGD-only: skipped with adamw)")  # fmt: skip
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant
@@ -145,7 +147,10 @@ def build_variant(args: argparse.Namespace, v: str):
     with torch.no_grad():
         num_exits = len(model(x[:2]))
     wnet = WeightNet(num_exits).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     mopt = torch.optim.Adam(wnet.parameters(), lr=1e-4, weight_decay=1e-4)
     pseudo = copy.deepcopy(model) if v == "reference" else None
     q = target_proportions(num_exits, 0.75)
@@ -237,6 +242,9 @@ def main(argv=None) -> None:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; allowed: {VARIANTS}")
+    if args.optimizer != "sgd" and "reference" in variants:
+        print("  reference: skipped (the released loop hand-writes an SGD step)")
+        variants.remove("reference")
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     results = []
     for v in variants:  # memory: each variant alone in a fresh process
