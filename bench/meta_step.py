@@ -35,7 +35,9 @@ import torch.nn.functional as F
 VARIANTS = ("plain", "reference", "autograd", "jvp", "jvp_pre")
 # Also buildable (used by bench/gpu_suite.py): an L2W iteration whose step skips the meta step
 # (what 99 of 100 iterations cost at meta_interval 100), and the plain step under torch.compile.
-EXTRA_VARIANTS = ("jvp_nometa", "plain_compile")
+EXTRA_VARIANTS = ("jvp_nometa", "plain_compile", "jvp_pre_rerun")
+# jvp_pre_rerun: jvp_pre with the second half step's train forward run again instead of taken
+# from the first half step's meta forward (what jvp_pre cost before that re-use).
 INPUT_SIZE = {"msdnet_cifar": (3, 32, 32), "msdnet_imagenet": (3, 224, 224)}
 
 
@@ -158,7 +160,7 @@ def build_variant(args: argparse.Namespace, v: str):
         epsilon=0.3,
         constraint="mat",
         hypergrad="autograd" if v == "autograd" else "jvp",
-        real_weights="pre_update" if v == "jvp_pre" else "updated",
+        real_weights="pre_update" if v in ("jvp_pre", "jvp_pre_rerun") else "updated",
     )
     half = args.batch // 2
 
@@ -181,6 +183,11 @@ def build_variant(args: argparse.Namespace, v: str):
             a, b = (x[:half], y[:half]), (x[half:], y[half:])
             _released_half_step(model, pseudo, wnet, opt, mopt, a, b, q, 0.3)
             _released_half_step(model, pseudo, wnet, opt, mopt, b, a, q, 0.3)
+        elif v == "jvp_pre_rerun":
+            from unittest import mock
+
+            with mock.patch("l2w_dist.meta.l2w._lands_on_virtual_step", return_value=False):
+                l2w_iteration(model, wnet, opt, mopt, x, y, cfg)
         elif v == "jvp_nometa":
             l2w_iteration(model, wnet, opt, mopt, x, y, cfg, step=1, meta_interval=100)
         else:
@@ -239,9 +246,9 @@ def main(argv=None) -> None:
         print(json.dumps(run_variant(args)))
         return
     variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
     if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; allowed: {VARIANTS}")
+        raise SystemExit(f"unknown variant(s) {bad}; allowed: {VARIANTS + EXTRA_VARIANTS}")
     if args.optimizer != "sgd" and "reference" in variants:
         print("  reference: skipped (the released loop hand-writes an SGD step)")
         variants.remove("reference")

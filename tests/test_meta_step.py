@@ -397,14 +397,55 @@ def test_multi_tensor_adamw_step_equals_per_parameter_formula(f64, with_state):
             moments = {"exp_avg": torch.randn(s, generator=gen), "exp_avg_sq": torch.rand(s, generator=gen)}
         states[n] = ParamOptState(kind="adamw", lr=1e-3 * (1 + i % 2), weight_decay=0.05 * (i % 2),
                                   betas=(0.9, 0.999), eps=1e-8, step=3 * with_state, **moments)  # fmt: skip
-    with torch.no_grad():
-        fast = virtual_step(params, grads, states)
+    with torch.no_grad():  # adamw_foreach: on CPU the default is the per-parameter loop
+        fast = virtual_step(params, grads, states, adamw_foreach=True)
     with torch.enable_grad():  # grad mode selects the per-parameter (differentiable) formula
         slow = virtual_step(params, grads, states)
-    d_fast = step_derivative(grads, states)
+    d_fast = step_derivative(grads, states, adamw_foreach=True)
     with torch.no_grad():
         d_slow = {n: derivative_of_one(states[n], g) for n, g in grads.items()}
     for n in shapes:
         torch.testing.assert_close(fast[n], slow[n].detach(), rtol=1e-14, atol=1e-15)
         torch.testing.assert_close(d_fast[n], d_slow[n], rtol=1e-13, atol=1e-15)
     assert torch.isfinite(d_fast["d"]).all()
+
+
+@pytest.mark.parametrize("opt_kind", ["momentum", "nesterov", "adamw"])
+def test_pre_update_iteration_reuses_the_meta_forward_exactly(f64, opt_kind, monkeypatch):
+    """pre_update: half step a's meta forward (X2 at θ') is half step b's train forward (X2 at θ,
+    θ = θ'): one model forward fewer per iteration, and the same parameters, weight net,
+    BatchNorm statistics, optimizer state and stats as running that forward again."""
+    from l2w_dist.meta import l2w as l2w_module
+
+    cfg = L2WConfig(epsilon=0.8, constraint="col", real_weights="pre_update")
+    runs = {}
+    for chain in (True, False):
+        if not chain:
+            monkeypatch.setattr(l2w_module, "_lands_on_virtual_step", lambda *a: False)
+        model, wnet, opt, mopt, x, y = _setup("bn", opt_kind)
+        calls = []
+        model.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        stats = [l2w_iteration(model, wnet, opt, mopt, x, y, cfg) for _ in range(3)]
+        state = _snapshot(model, wnet)
+        state.update({f"opt.{i}.{k}": v for i, s in enumerate(opt.state.values()) for k, v in s.items()})
+        runs[chain] = (state, stats, len(calls))
+    (got, got_stats, got_calls), (ref, ref_stats, ref_calls) = runs[True], runs[False]
+    assert (got_calls, ref_calls) == (3 * 5, 3 * 6)  # 3 iterations: 5 model forwards instead of 6
+    assert max_rel_diff(got, ref) <= 1e-12
+    if opt_kind != "adamw":  # SGD's real step lands on θ' to the bit; torch's AdamW rounds differently
+        assert all(torch.equal(got[k], ref[k]) for k in got if "running" in k or "num_batches" in k)
+    for a, b in zip(got_stats, ref_stats):
+        assert all(abs(a[k] - b[k]) <= 1e-12 * max(1.0, abs(b[k])) for k in a)
+
+
+def test_pre_update_does_not_reuse_when_the_real_step_differs(f64):
+    """Gradient clipping (or a custom update, or local sync across ranks) moves θ off θ': no reuse."""
+    from l2w_dist.meta.l2w import _lands_on_virtual_step
+
+    model, wnet, opt, mopt, x, y = _setup("bn", "momentum")
+    pre = L2WConfig(real_weights="pre_update")
+    assert _lands_on_virtual_step(opt, pre, None)
+    assert _lands_on_virtual_step(TorchOptimizerUpdate(opt), pre, None)
+    assert not _lands_on_virtual_step(TorchOptimizerUpdate(opt, grad_clip_norm=1.0), pre, None)
+    assert not _lands_on_virtual_step(opt, L2WConfig(real_weights="updated"), None)
+    assert not _lands_on_virtual_step(opt, L2WConfig(real_weights="pre_update", hypergrad="autograd"), None)

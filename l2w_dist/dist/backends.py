@@ -374,13 +374,6 @@ def build_backend(
         model=model, optimizer=optimizer, config=cfg, dist_init_required=False
     )
     _only_engine_backward_is_real(engine)
-    if zero_stage == 2:
-        # DeepSpeed's no_sync asserts under ZeRO-2 (gradients are reduce-scattered into
-        # partitions at every backward, so there is no "skip the sync"). The L2W step enters
-        # ``model.no_sync()`` around its shared forward with real_weights="pre_update" (for
-        # DDP, whose reducer would otherwise wait for a backward that never comes); DeepSpeed
-        # needs nothing there, so under ZeRO-2 it is a no-op.
-        engine.no_sync = contextlib.nullcontext
     update = DeepSpeedUpdate(engine, engine.module, kind_opt, grouped)
     return DeepSpeedBackend(engine, engine.module, update, env, precision)
 

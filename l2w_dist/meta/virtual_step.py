@@ -25,12 +25,23 @@ from .update import ParamOptState
 
 
 def virtual_step(
-    params: dict[str, Tensor], grads: dict[str, Tensor], states: dict[str, ParamOptState]
+    params: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    states: dict[str, ParamOptState],
+    adamw_foreach: bool | None = None,
 ) -> dict[str, Tensor]:
-    """θ' for every named parameter; differentiable in ``grads`` (and ``params``) when they carry graphs."""
+    """θ' for every named parameter; differentiable in ``grads`` (and ``params``) when they carry graphs.
+
+    Without a graph (the jvp engine) SGD parameters are stepped by multi-tensor ops, and
+    AdamW parameters too when ``adamw_foreach`` (default: on accelerators, as torch.optim
+    does: on a CPU, AdamW's dozen full passes run faster tensor by tensor, while the data is
+    in cache — ViT-S: 450 ms per-parameter vs 617 ms multi-tensor on one core).
+    """
     out: dict[str, Tensor] = {}
-    if not torch.is_grad_enabled():  # no graph needed (the jvp engine): multi-tensor ops
-        out = _sgd_foreach(params, grads, states) | _adamw_foreach(params, grads, states)
+    if not torch.is_grad_enabled():
+        out = _sgd_foreach(params, grads, states)
+        if _use_adamw_foreach(adamw_foreach, params):
+            out |= _adamw_foreach(params, grads, states)
     for name, p in params.items():
         if name in out:
             continue
@@ -159,10 +170,21 @@ def _adamw_derivative_foreach(grads: dict[str, Tensor], states: dict[str, ParamO
     return out
 
 
-def step_derivative(grads: dict[str, Tensor], states: dict[str, ParamOptState]) -> dict[str, Tensor | float]:
-    """The diagonal ∂θ'/∂g per parameter: a float for SGD, a tensor for AdamW (no graph)."""
+def _use_adamw_foreach(flag: bool | None, tensors: dict[str, Tensor]) -> bool:
+    if flag is not None:
+        return flag
+    return any(t.device.type != "cpu" for t in tensors.values())
+
+
+def step_derivative(
+    grads: dict[str, Tensor], states: dict[str, ParamOptState], adamw_foreach: bool | None = None
+) -> dict[str, Tensor | float]:
+    """The diagonal ∂θ'/∂g per parameter: a float for SGD, a tensor for AdamW (no graph);
+    ``adamw_foreach`` as in :func:`virtual_step`."""
     with torch.no_grad():
-        out: dict[str, Tensor | float] = dict(_adamw_derivative_foreach(grads, states))
+        out: dict[str, Tensor | float] = {}
+        if _use_adamw_foreach(adamw_foreach, grads):
+            out.update(_adamw_derivative_foreach(grads, states))
         for name, g in grads.items():
             if name not in out:
                 out[name] = derivative_of_one(states[name], g)
