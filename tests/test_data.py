@@ -388,6 +388,19 @@ def test_corrupt_samples_skipped_and_counted(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_data_totals_summed_over_workers(tmp_path, num_workers):
+    """The loader's bad_data() sums every worker's counts (shared memory), across epochs."""
+    spec = _corrupt_spec(tmp_path, n_good=20, n_bad=2)
+    ev = build_eval_loader(spec, "test", batch_size=8, rank=0, world_size=1, num_workers=num_workers,
+                           transform=None, max_bad_fraction=0.5, bad_warmup=10)  # fmt: skip
+    n = len(_ids(ev))
+    bad, read = ev.bad_data()
+    assert bad >= 3 and read >= n + 2  # 2 corrupt images + the truncated tar; read counts the corrupt ones too
+    _ids(ev)
+    assert ev.bad_data() == (2 * bad, 2 * read)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_fraction_threshold_stops_the_run(tmp_path, num_workers):
     spec = _corrupt_spec(tmp_path, n_good=20, n_bad=4)
     ev = build_eval_loader(spec, "test", batch_size=8, rank=0, world_size=1, num_workers=num_workers,

@@ -107,20 +107,38 @@ class BadDataGuard:
     fraction computed over a handful of samples.
     """
 
-    def __init__(self, max_bad_fraction: float = 0.01, warmup: int = 1000, where: str = ""):
+    FLUSH_EVERY = 256  # samples between updates of the shared totals (a shared-tensor add costs µs)
+
+    def __init__(
+        self, max_bad_fraction: float = 0.01, warmup: int = 1000, where: str = "", totals: torch.Tensor | None = None
+    ):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction, self.warmup, self.where = max_bad_fraction, warmup, where
         self.seen = 0
         self.bad = 0
+        self.totals = totals  # shared [seen, bad] across DataLoader workers (the loader's bad_data())
+        self._unflushed_seen = 0
+
+    def _flush(self, bad: int = 0) -> None:
+        if self.totals is not None and (self._unflushed_seen or bad):
+            self.totals.add_(torch.tensor([self._unflushed_seen, bad]))
+        self._unflushed_seen = 0
 
     def count(self, src: Iterator) -> Iterator:
-        for sample in src:
-            self.seen += 1
-            yield sample
+        try:
+            for sample in src:
+                self.seen += 1
+                self._unflushed_seen += 1
+                if self._unflushed_seen >= self.FLUSH_EVERY:
+                    self._flush()
+                yield sample
+        finally:  # also when the epoch cut (with_epoch) closes the stream early
+            self._flush()
 
     def __call__(self, exn: Exception) -> bool:
         self.bad += 1
+        self._flush(bad=1)
         log.warning("%s: skipping bad data (%d bad / %d read): %s", self.where, self.bad, self.seen, exn)
         if self.bad > self.max_bad_fraction * max(self.seen, self.warmup):
             raise BadDataError(
@@ -251,6 +269,9 @@ class _Stream(IterableDataset):
     def __init__(self, **cfg: Any):
         super().__init__()
         self.cfg = cfg
+        # [samples read, bad samples/shards] over all workers and epochs: shared memory, so the
+        # workers' guards (forked or spawned) add to the tensor the main process reads
+        self.data_totals = torch.zeros(2, dtype=torch.int64).share_memory_()
 
     def __iter__(self) -> Iterator:
         info = get_worker_info()
@@ -261,7 +282,7 @@ class _Stream(IterableDataset):
     def _guard(self, role: int) -> BadDataGuard:
         c = self.cfg
         where = f"{c['name']} rank {c['rank']} worker {role}"
-        return BadDataGuard(c["max_bad_fraction"], c["bad_warmup"], where)
+        return BadDataGuard(c["max_bad_fraction"], c["bad_warmup"], where, totals=self.data_totals)
 
     def _decode_stages(self, guard: BadDataGuard) -> list:
         return [wds.decode(_decode_rgb, handler=guard), wds.to_tuple(IMAGE_KEYS, "cls", handler=guard)]
@@ -320,6 +341,13 @@ class _Loader:
     def __init__(self, stream: _Stream, num_workers: int, pin_memory: bool, prefetch_factor: int | None):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.prefetch_factor = prefetch_factor
+
+    def bad_data(self) -> tuple[int, int]:
+        """``(bad, read)``: bad samples/shards skipped and raw samples read by this rank's
+        loader, summed over its DataLoader workers and all epochs so far (a worker's count
+        arrives every 256 samples and when it stops)."""
+        seen, bad = self.stream.data_totals.tolist()
+        return bad, seen
 
     def _dataloader(self) -> DataLoader:
         kw = {}

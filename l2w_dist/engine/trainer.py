@@ -140,12 +140,22 @@ class TrainingJob:
                     self.save()
                     bar.close()
                     return "preempted"
+            self._log_bad_data()
             if self.step % self.steps_per_epoch == 0 and self.cfg.eval.enabled and self.cfg.eval.every_epochs \
                     and (self.step // self.steps_per_epoch) % self.cfg.eval.every_epochs == 0:
                 self.epoch_eval()
         bar.close()
         self.save()
         return "finished"
+
+    def _log_bad_data(self) -> None:
+        """After an epoch's batches: the corrupt samples this rank's loader skipped (all workers;
+        each worker also warned per sample), as metrics and one line, once there are any."""
+        bad, read = self.train_loader.bad_data()
+        if bad:
+            self.logger.log({"data/bad": bad, "data/read": read}, self.step)
+            print(f"rank {self.env.rank}: {bad} bad samples/shards skipped of {read} read so far "
+                  f"(stops above data.max_bad_fraction={self.cfg.data.max_bad_fraction} per worker)", flush=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One loader batch: an L2W iteration (two half steps), or one plain step for the baseline."""
