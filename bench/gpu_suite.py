@@ -29,10 +29,11 @@ import meta_step  # noqa: E402  (bench/meta_step.py: the variants)
 # (name, model, model args, batch on GPU, batch on CPU, dtype, channels_last, variants)
 CASES = [
     ("msdnet_in_step4_fp32", "msdnet_imagenet", ["step=4"], 512, 4, "fp32", False,
-     ["plain", "jvp", "jvp_nometa", "jvp_pre", "autograd"]),
+     ["plain", "jvp", "jvp_nometa", "jvp_pre", "jvp_pre_rerun", "autograd"]),
     ("msdnet_in_step4_bf16_cl", "msdnet_imagenet", ["step=4"], 512, 4, "bf16", True,
      ["plain", "jvp", "jvp_nometa", "jvp_pre"]),
-    ("msdnet_cifar_fp32", "msdnet_cifar", [], 1024, 16, "fp32", False, ["plain", "jvp", "jvp_nometa", "autograd"]),
+    ("msdnet_cifar_fp32", "msdnet_cifar", [], 1024, 16, "fp32", False,
+     ["plain", "jvp", "jvp_nometa", "jvp_pre", "autograd"]),
     ("msdnet_cifar_bf16_cl", "msdnet_cifar", [], 1024, 16, "bf16", True, ["plain", "jvp", "jvp_nometa"]),
     ("deit_small_exits_bf16", "vit_exits", ["backbone=deit_small_patch16_224"], 256, 2, "bf16", False,
      ["plain", "jvp"]),
@@ -52,6 +53,7 @@ def run_case(case, args) -> list[dict]:
             "--device", args.device, "--batch", str(gpu_batch if args.device == "cuda" else cpu_batch),
             "--dtype", dtype, "--iters", str(args.iters), "--warmup", str(args.warmup),
             "--threads", str(args.threads), *(["--channels-last"] if channels_last else []),
+            *(["--optimizer", "adamw"] if model == "vit_exits" else []),  # as the DeiT recipe
         ])
         try:
             r = time_variant(ns, variant)
@@ -97,7 +99,7 @@ def ratios(results: list[dict]) -> dict[str, float]:
         plain = by.get((case, "plain"))
         if not plain:
             continue
-        for v in ("jvp", "jvp_pre", "autograd", "jvp_nometa"):
+        for v in ("jvp", "jvp_pre", "jvp_pre_rerun", "autograd", "jvp_nometa"):
             if (case, v) in by:
                 out[f"{case}: {v} / plain time"] = by[case, v]["ms_median"] / plain["ms_median"]
                 if plain["peak_mb"] > 0:

@@ -22,7 +22,7 @@ def test_gpu_suite_cpu_smoke_mode_measures_every_variant(tmp_path):
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert report["device"].startswith("cpu")
     got = {(r["case"], r["variant"]) for r in report["results"]}
-    expect = {("msdnet_cifar_fp32", v) for v in ("plain", "jvp", "jvp_nometa", "autograd")}
+    expect = {("msdnet_cifar_fp32", v) for v in ("plain", "jvp", "jvp_nometa", "jvp_pre", "autograd")}
     expect |= {("msdnet_cifar_bf16_cl", v) for v in ("plain", "jvp", "jvp_nometa")}
     assert got == expect
     for r in report["results"]:
