@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gpu-img-s", type=float, default=2240.0,
                    help="training throughput per GPU to feed (default: msdnet step4 plain step, H200)")
     p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--normalize-on", default="loader", choices=("loader", "device"),
+                   help="device: both loaders yield uint8 (the model normalises; data.normalize_on)")
     p.add_argument("--workdir", default=None, help="where to write images/shards (default: a temp dir)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
     spec = write_shards("imagefolder", work / "jpeg", work / "shards/bench", maxcount=128, holdout=0,
                         workers=1, progress=False)  # fmt: skip
-    tf = build_transforms("imagenet", train=True, img_size=224)
+    tf = build_transforms("imagenet", train=True, img_size=224, normalize=args.normalize_on == "loader")
     dec_only, dec_tf = decode_rate(paths[:128], tf)
     nb = args.images // args.batch_size
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_core = max(r["wds_img_per_cpu_s"] for r in rows)  # contention-free per-core rate
     need = args.gpu_img_s * args.gpus
     result = {
-        "images": args.images, "shuffle_buffer": args.shuffle_buffer,
+        "images": args.images, "shuffle_buffer": args.shuffle_buffer, "normalize_on": args.normalize_on,
         "size": args.size, "mean_jpeg_kb": mean_kb, "batch_size": args.batch_size,
         "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
         "decode_only_img_s_1core": dec_only, "decode_transform_img_s_1core": dec_tf,
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
 
     print(f"{args.images} JPEGs {args.size}, mean {mean_kb:.0f} kB; batch {args.batch_size}; "
+          f"normalised on the {args.normalize_on}; "
           f"{os.cpu_count()} cores, load {result['loadavg_1min']:.1f}")  # fmt: skip
     print(f"1 core: decode only {dec_only:.0f} img/s; decode + RRC/flip/normalize {dec_tf:.0f} img/s")
     print("workers | wds img/s | ImageFolder img/s | ratio | incl. start-up wds / IF "

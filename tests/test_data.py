@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import struct
 from itertools import product
 from pathlib import Path
@@ -459,3 +460,30 @@ def test_prepare_fashion_mnist_real(tmp_path):
                            transform=build_transforms("fashion-mnist", False))  # fmt: skip
     labels = torch.cat([y for _x, y in ev])
     assert len(labels) == 10000 and torch.bincount(labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("kind,train", [("imagenet", False), ("imagenet", True), ("cifar", True),
+                                        ("fashion-mnist", False)])  # fmt: skip
+def test_uint8_transforms_with_device_normalizer_equal_loader_normalization(kind, train):
+    """build_transforms(normalize=False) + attach_input_normalizer = the normalising transform."""
+    from l2w_dist.data import attach_input_normalizer
+
+    rng = np.random.default_rng(0)
+    shape = (375, 500, 3) if kind == "imagenet" else (28, 28, 3) if kind == "fashion-mnist" else (32, 32, 3)
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+    outs = []
+    for normalize in (True, False):
+        torch.manual_seed(3)
+        random.seed(3)  # the same random crop / flip for both
+        outs.append(build_transforms(kind, train, normalize=normalize)(image))
+    as_float, as_uint8 = outs
+    assert as_float.dtype == torch.float32 and as_uint8.dtype == torch.uint8
+    model = torch.nn.Identity()
+    attach_input_normalizer(model, kind)
+    batch = as_uint8[None].contiguous(memory_format=torch.channels_last)
+    got = model(batch)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got[0], as_float, rtol=0, atol=2e-6)
+    assert model(as_float) is as_float  # float inputs pass unchanged
+    with pytest.raises(ValueError, match="unknown dataset_kind 'mnist'"):
+        attach_input_normalizer(model, "mnist")

@@ -12,7 +12,7 @@ from .loader import (
     load_spec,
 )
 from .shards import holdout_keys, write_shards
-from .transforms import DATASET_INFO, DatasetInfo, build_transforms
+from .transforms import DATASET_INFO, DatasetInfo, attach_input_normalizer, build_transforms
 
 __all__ = [
     "DATASET_INFO",
@@ -24,6 +24,7 @@ __all__ = [
     "build_eval_loader",
     "build_train_loader",
     "build_transforms",
+    "attach_input_normalizer",
     "holdout_keys",
     "load_spec",
     "prepare_fashion_mnist",

@@ -21,7 +21,13 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from ..config import Config
-from ..data import build_eval_loader, build_train_loader, build_transforms, prepare_fashion_mnist
+from ..data import (
+    attach_input_normalizer,
+    build_eval_loader,
+    build_train_loader,
+    build_transforms,
+    prepare_fashion_mnist,
+)
 from ..dist import DistEnv, build_backend
 from ..evaluate import anytime, budgeted, collect_logits, plot_curves, write_eval_json
 from ..meta import L2WConfig, WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
@@ -45,6 +51,8 @@ class TrainingJob:
 
         # Model, weight net, optimizers. -------------------------------------------------
         model = create_model(cfg.model.name, **cfg.model.options).to(self.device)
+        if cfg.data.normalize_on == "device":  # the loaders then yield uint8 images
+            attach_input_normalizer(model, cfg.data.dataset)
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.exit_flops = model.exit_flops
@@ -80,7 +88,9 @@ class TrainingJob:
         self.data_spec = resolve_data_spec(cfg, env)
         self.train_loader = build_train_loader(
             self.data_spec, batch_size=self.per_rank_batch, rank=env.rank, world_size=env.world_size,
-            num_workers=cfg.data.num_workers, transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size),
+            num_workers=cfg.data.num_workers,
+            transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size,
+                                       normalize=cfg.data.normalize_on == "loader"),
             seed=tc.seed, channels_last=tc.channels_last, pin_memory=self.device.type == "cuda",
             max_bad_fraction=cfg.data.max_bad_fraction,
             include_holdout=cfg.data.calibration == "train_augmented")  # the released code trains on all
@@ -327,5 +337,6 @@ def eval_loader(cfg: Config, env: DistEnv, spec: str, split: str, train_transfor
     """Exact-mode loader over one split (every sample once across ranks), eval transforms by default."""
     return build_eval_loader(
         spec, split, batch_size=cfg.data.eval_batch_size, rank=env.rank, world_size=env.world_size,
-        num_workers=cfg.data.num_workers, transform=build_transforms(cfg.data.dataset, train_transform,
-                                                                     cfg.data.img_size))
+        num_workers=cfg.data.num_workers,
+        transform=build_transforms(cfg.data.dataset, train_transform, cfg.data.img_size,
+                                   normalize=cfg.data.normalize_on == "loader"))

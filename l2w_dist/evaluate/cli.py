@@ -36,6 +36,7 @@ def evaluate_checkpoint(checkpoint: Path, output: Path, overrides: Sequence[str]
     import torch
 
     from ..config import load_config
+    from ..data import attach_input_normalizer
     from ..dist import cleanup, init_distributed
     from ..engine.checkpoint import load_checkpoint
     from ..engine.trainer import eval_loader, resolve_data_spec
@@ -48,6 +49,8 @@ def evaluate_checkpoint(checkpoint: Path, output: Path, overrides: Sequence[str]
     env = init_distributed()
     try:
         model = create_model(cfg.model.name, **cfg.model.options)
+        if cfg.data.normalize_on == "device":  # eval_loader then yields uint8 images
+            attach_input_normalizer(model, cfg.data.dataset)
         use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
         if use_ema and state.get("ema") is None:
             raise ValueError(f"{checkpoint} holds no EMA weights (train.ema_decay was 0)")
