@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from l2w_dist.data import build_train_loader, build_transforms, write_shards
+    from l2w_dist.data import DATASET_INFO, build_train_loader, build_transforms, write_shards
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="l2w-bench-"))
     size = tuple(int(v) for v in args.size.split("x"))
@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     spec = write_shards("imagefolder", work / "jpeg", work / "shards/bench", maxcount=128, holdout=0,
                         workers=1, progress=False)  # fmt: skip
     tf = build_transforms("imagenet", train=True, img_size=224, normalize=args.normalize_on == "loader")
+    # Our loader as the trainer builds it: uint8 transform, normalised into the batch by the
+    # loader (normalize_on=loader) or on the device (normalize_on=device) — the same values.
+    tf_uint8 = build_transforms("imagenet", train=True, img_size=224, normalize=False)
+    info = DATASET_INFO["imagenet"]
+    fused = (info.mean, info.std) if args.normalize_on == "loader" else None
     dec_only, dec_tf = decode_rate(paths[:128], tf)
     nb = args.images // args.batch_size
 
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             folder_ds = ImageFolder(str(work / "jpeg" / "train"), transform=tf)
             folder = DataLoader(folder_ds, args.batch_size, shuffle=True, num_workers=w, drop_last=True)
             ours = build_train_loader(spec, batch_size=args.batch_size, rank=0, world_size=1, num_workers=w,
-                                      transform=tf, seed=0, epoch_length=nb,
+                                      transform=tf_uint8, normalize=fused, seed=0, epoch_length=nb,
                                       shuffle_buffer=args.shuffle_buffer)  # fmt: skip
             steady_of = {}
             for name, loader in (("imagefolder", folder), ("wds", ours)):

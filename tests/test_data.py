@@ -487,3 +487,32 @@ def test_uint8_transforms_with_device_normalizer_equal_loader_normalization(kind
     assert model(as_float) is as_float  # float inputs pass unchanged
     with pytest.raises(ValueError, match="unknown dataset_kind 'mnist'"):
         attach_input_normalizer(model, "mnist")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_normalisation_in_the_batch_equals_the_transforms(npz_shards, channels_last, num_workers):
+    """build_*_loader(normalize=(mean, std)) over uint8 transforms = normalising transforms."""
+    from l2w_dist.data import DATASET_INFO
+
+    info = DATASET_INFO["cifar"]
+    batches = {}
+    for fused in (False, True):
+        tf = build_transforms("cifar", True, 16, normalize=not fused)
+        kw = {"normalize": (info.mean, info.std)} if fused else {}
+        train = build_train_loader(npz_shards, batch_size=8, rank=0, world_size=1, num_workers=num_workers,
+                                   transform=tf, seed=1, epoch_length=3, channels_last=channels_last, **kw)  # fmt: skip
+        ev = build_eval_loader(npz_shards, "test", batch_size=8, rank=0, world_size=1, num_workers=num_workers,
+                               transform=build_transforms("cifar", False, 16, normalize=not fused),
+                               channels_last=channels_last, **kw)  # fmt: skip
+        batches[fused] = list(train) + list(ev)
+    assert len(batches[True]) == len(batches[False]) > 3
+    for (xa, ya), (xb, yb) in zip(batches[False], batches[True]):
+        assert torch.equal(ya, yb) and xb.dtype == torch.float32
+        assert xb.is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.testing.assert_close(xb, xa, rtol=0, atol=2e-6)
+    bad = build_train_loader(npz_shards, batch_size=8, rank=0, world_size=1, num_workers=0,
+                             transform=build_transforms("cifar", True, 16), seed=1, epoch_length=1,
+                             normalize=(info.mean, info.std))  # fmt: skip
+    with pytest.raises(TypeError, match="normalize=False"):
+        list(bad)

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,25 +214,44 @@ class _SeededTransform:
             yield image, label
 
 
-def _collate(channels_last: bool) -> Callable[[list], tuple[torch.Tensor, torch.Tensor]]:
+def _collate(
+    channels_last: bool, normalize: tuple[Sequence[float], Sequence[float]] | None = None
+) -> Callable[[list], tuple[torch.Tensor, torch.Tensor]]:
     """Stack a batch; inside a DataLoader worker, straight into shared memory (as torch's
-    default_collate does) so handing the batch to the main process costs no extra copy."""
+    default_collate does) so handing the batch to the main process costs no extra copy.
+
+    ``normalize=(mean, std)``: the samples are uint8 images and each is converted and
+    normalised while it is written into its slot of the float32 batch — one read of the
+    uint8 image and two in-cache passes over the slot, instead of ToTensor + Normalize's
+    five passes and three allocations per image followed by the copy into the batch.
+    """
+    shift = scale = None
+    if normalize is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in normalize)
+        shift, scale = mean * 255, 1 / (std * 255)
 
     def collate(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         first = samples[0][0]
         b = len(samples)
+        if shift is not None and first.dtype != torch.uint8:
+            raise TypeError(f"the loader normalises uint8 images, but the transform gave {first.dtype}: "
+                            "build it with build_transforms(..., normalize=False)")  # fmt: skip
+        proto = first.new_empty(0, dtype=torch.float32 if shift is not None else first.dtype)
         if get_worker_info() is not None:
-            storage = first._typed_storage()._new_shared(b * first.numel(), device=first.device)
-            flat = first.new(storage)
+            storage = proto._typed_storage()._new_shared(b * first.numel(), device=first.device)
+            flat = proto.new(storage)
         else:
-            flat = first.new_empty(b * first.numel())
+            flat = proto.new_empty(b * first.numel())
         if channels_last and first.dim() == 3:
             c, h, w = first.shape
             images = flat.view(b, h, w, c).permute(0, 3, 1, 2)  # NCHW view with NHWC memory
         else:
             images = flat.view(b, *first.shape)
         for i, sample in enumerate(samples):
-            images[i].copy_(sample[0])
+            slot = images[i]
+            slot.copy_(sample[0])
+            if shift is not None:
+                slot.sub_(shift).mul_(scale)
         return images, torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
 
     return collate
@@ -314,7 +333,7 @@ class _Stream(IterableDataset):
             _Skip(skip * bs),
             *self._decode_stages(guard),
             _SeededTransform(c["transform"], seed, start=skip * bs),
-            wds.batched(bs, collation_fn=_collate(c["channels_last"]), partial=False),
+            wds.batched(bs, collation_fn=_collate(c["channels_last"], c["normalize"]), partial=False),
         )
         if n_role - skip <= 0:  # with_epoch(0) would mean "unbounded": this worker has nothing left
             return []
@@ -331,7 +350,7 @@ class _Stream(IterableDataset):
             *([_every(stride, offset)] if stride > 1 else []),
             *self._decode_stages(guard),
             wds.map_tuple(c["transform"] or pil_to_tensor, int),
-            wds.batched(c["batch_size"], collation_fn=_collate(c["channels_last"]), partial=True),
+            wds.batched(c["batch_size"], collation_fn=_collate(c["channels_last"], c["normalize"]), partial=True),
         )
 
 
@@ -432,6 +451,7 @@ def build_train_loader(
     max_bad_fraction: float = 0.01,
     bad_warmup: int = 1000,
     prefetch_factor: int | None = None,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> TrainLoader:
     """The training loader for one rank (``batch_size`` is per rank).
 
@@ -440,7 +460,10 @@ def build_train_loader(
     epoch length: uneven shard counts cannot make ranks disagree). ``resampled=False``: each
     rank reads its own partition of a per-epoch shuffled shard list without replacement,
     cycling if the epoch is longer. ``include_holdout=True`` also trains on the held-out split
-    (the released code's behaviour: no clean calibration data then).
+    (the released code's behaviour: no clean calibration data then). ``normalize=(mean, std)``:
+    ``transform`` yields uint8 images (``build_transforms(..., normalize=False)``) and the
+    batch is normalised to float32 as it is assembled (the same values as the transform's own
+    normalisation to ~1e-7, fewer passes over each image).
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     side = load_spec(spec)
@@ -460,7 +483,8 @@ def build_train_loader(
     stream = _Stream(
         mode="train", name="train", urls=urls, rank=rank, world_size=world_size, batch_size=batch_size,
         transform=transform, seed=seed, num_batches=epoch_length, resampled=resampled,
-        channels_last=channels_last, shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction,
+        channels_last=channels_last, normalize=normalize, shuffle_buffer=shuffle_buffer,
+        max_bad_fraction=max_bad_fraction,
         bad_warmup=bad_warmup, epoch=0, start_batch=0,
     )  # fmt: skip
     return TrainLoader(stream, num_workers, pin_memory, prefetch_factor)
@@ -479,9 +503,11 @@ def build_eval_loader(
     channels_last: bool = False,
     max_bad_fraction: float = 0.01,
     bad_warmup: int = 1000,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> EvalLoader:
     """Exact loader for ``split`` ("holdout", "test"/"val", or "train" for the released
-    calibration-on-training-images option, then with a train transform)."""
+    calibration-on-training-images option, then with a train transform); ``normalize`` as
+    in :func:`build_train_loader`."""
     _check_rank(rank, world_size, batch_size, num_workers)
     side = load_spec(spec)
     urls, counts, _count = _split_urls(side, split)
@@ -495,7 +521,7 @@ def build_eval_loader(
             num_samples += len(range(offset, n, stride))
     stream = _Stream(
         mode="eval", name=split, urls=urls, rank=rank, world_size=world_size, batch_size=batch_size,
-        transform=transform, channels_last=channels_last, max_bad_fraction=max_bad_fraction,
+        transform=transform, channels_last=channels_last, normalize=normalize, max_bad_fraction=max_bad_fraction,
         bad_warmup=bad_warmup,
     )  # fmt: skip
     return EvalLoader(stream, num_workers, pin_memory, num_samples)

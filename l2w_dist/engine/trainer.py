@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data import (
+    DATASET_INFO,
     attach_input_normalizer,
     build_eval_loader,
     build_train_loader,
@@ -89,8 +90,8 @@ class TrainingJob:
         self.train_loader = build_train_loader(
             self.data_spec, batch_size=self.per_rank_batch, rank=env.rank, world_size=env.world_size,
             num_workers=cfg.data.num_workers,
-            transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size,
-                                       normalize=cfg.data.normalize_on == "loader"),
+            transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size, normalize=False),
+            normalize=loader_normalization(cfg),
             seed=tc.seed, channels_last=tc.channels_last, pin_memory=self.device.type == "cuda",
             max_bad_fraction=cfg.data.max_bad_fraction,
             include_holdout=cfg.data.calibration == "train_augmented")  # the released code trains on all
@@ -337,6 +338,14 @@ def eval_loader(cfg: Config, env: DistEnv, spec: str, split: str, train_transfor
     """Exact-mode loader over one split (every sample once across ranks), eval transforms by default."""
     return build_eval_loader(
         spec, split, batch_size=cfg.data.eval_batch_size, rank=env.rank, world_size=env.world_size,
-        num_workers=cfg.data.num_workers,
-        transform=build_transforms(cfg.data.dataset, train_transform, cfg.data.img_size,
-                                   normalize=cfg.data.normalize_on == "loader"))
+        num_workers=cfg.data.num_workers, normalize=loader_normalization(cfg),
+        transform=build_transforms(cfg.data.dataset, train_transform, cfg.data.img_size, normalize=False))
+
+
+def loader_normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) for the loaders to normalise the uint8 images into each batch (one pass, in
+    the batch's shared memory), or None when the model normalises on its device."""
+    if cfg.data.normalize_on != "loader":
+        return None
+    info = DATASET_INFO[cfg.data.dataset]
+    return info.mean, info.std
