@@ -12,7 +12,14 @@ from .loader import (
     load_spec,
 )
 from .shards import holdout_keys, write_shards
-from .transforms import DATASET_INFO, DatasetInfo, attach_input_normalizer, build_transforms
+from .transforms import (
+    DATASET_INFO,
+    DatasetInfo,
+    attach_input_normalizer,
+    build_transforms,
+    dataset_info,
+    uint8_normalization,
+)
 
 __all__ = [
     "DATASET_INFO",
@@ -25,6 +32,8 @@ __all__ = [
     "build_train_loader",
     "build_transforms",
     "attach_input_normalizer",
+    "dataset_info",
+    "uint8_normalization",
     "holdout_keys",
     "load_spec",
     "prepare_fashion_mnist",

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 
 from l2w_dist.data.tarstream import tar_samples
+from l2w_dist.data.transforms import uint8_normalization
 
 log = logging.getLogger("l2w_dist.data")
 
@@ -225,10 +226,7 @@ def _collate(
     uint8 image and two in-cache passes over the slot, instead of ToTensor + Normalize's
     five passes and three allocations per image followed by the copy into the batch.
     """
-    shift = scale = None
-    if normalize is not None:
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in normalize)
-        shift, scale = mean * 255, 1 / (std * 255)
+    shift, scale = uint8_normalization(*normalize) if normalize is not None else (None, None)
 
     def collate(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         first = samples[0][0]

@@ -47,6 +47,21 @@ DATASET_INFO: dict[str, DatasetInfo] = {
 }
 
 
+def dataset_info(dataset_kind: str) -> DatasetInfo:
+    """``DATASET_INFO[dataset_kind]``, or an error naming the kind and the allowed ones."""
+    if dataset_kind not in DATASET_INFO:
+        raise ValueError(f"unknown dataset_kind {dataset_kind!r}; allowed: {', '.join(DATASET_INFO)}")
+    return DATASET_INFO[dataset_kind]
+
+
+def uint8_normalization(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shift, scale)`` as ``[C, 1, 1]`` float32 tensors with ``(x - shift) * scale =
+    (x/255 - mean) / std`` for uint8 images ``x``: what ToTensor + Normalize compute, in one
+    subtraction and one multiplication (the loader's batch assembly and the device hook)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
+    return mean * 255, 1 / (std * 255)
+
+
 def build_transforms(
     dataset_kind: str,
     train: bool,
@@ -63,9 +78,7 @@ def build_transforms(
     extra keyword arguments go to ``timm.data.create_transform`` (e.g. ``auto_augment``,
     ``color_jitter``, ``crop_pct``).
     """
-    if dataset_kind not in DATASET_INFO:
-        raise ValueError(f"unknown dataset_kind {dataset_kind!r}; allowed: {', '.join(DATASET_INFO)}")
-    info = DATASET_INFO[dataset_kind]
+    info = dataset_info(dataset_kind)
     img_size = img_size or info.img_size
     in_chans = in_chans or info.in_chans
     if in_chans not in (1, 3):
@@ -98,12 +111,9 @@ def attach_input_normalizer(model: nn.Module, dataset_kind: str, in_chans: int |
     forward pre-hook turns a uint8 input into ``(x/255 - mean) / std`` in float32 on the input's
     device (autocast casts it further). Float inputs pass unchanged. A hook, not a wrapper
     module, so state dicts, ``functional_call`` (the L2W step) and DDP see the model as it is."""
-    if dataset_kind not in DATASET_INFO:
-        raise ValueError(f"unknown dataset_kind {dataset_kind!r}; allowed: {', '.join(DATASET_INFO)}")
-    info = DATASET_INFO[dataset_kind]
+    info = dataset_info(dataset_kind)
     chans = in_chans or info.in_chans
-    mean = torch.tensor(info.mean[:chans]).view(1, -1, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(info.std[:chans]).view(1, -1, 1, 1) * 255)
+    mean, inv_std = uint8_normalization(info.mean[:chans], info.std[:chans])
     cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def normalize_uint8(_module: nn.Module, args: tuple) -> tuple | None:

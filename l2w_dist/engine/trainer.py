@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data import (
-    DATASET_INFO,
     attach_input_normalizer,
     build_eval_loader,
     build_train_loader,
     build_transforms,
+    dataset_info,
     prepare_fashion_mnist,
 )
 from ..dist import DistEnv, build_backend
@@ -52,8 +52,7 @@ class TrainingJob:
 
         # Model, weight net, optimizers. -------------------------------------------------
         model = create_model(cfg.model.name, **cfg.model.options).to(self.device)
-        if cfg.data.normalize_on == "device":  # the loaders then yield uint8 images
-            attach_input_normalizer(model, cfg.data.dataset)
+        attach_device_normalization(model, cfg)
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.exit_flops = model.exit_flops
@@ -342,10 +341,16 @@ def eval_loader(cfg: Config, env: DistEnv, spec: str, split: str, train_transfor
         transform=build_transforms(cfg.data.dataset, train_transform, cfg.data.img_size, normalize=False))
 
 
+def attach_device_normalization(model: torch.nn.Module, cfg: Config) -> None:
+    """With ``data.normalize_on=device`` the loaders yield uint8 images: the model normalises them."""
+    if cfg.data.normalize_on == "device":
+        attach_input_normalizer(model, cfg.data.dataset)
+
+
 def loader_normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """(mean, std) for the loaders to normalise the uint8 images into each batch (one pass, in
     the batch's shared memory), or None when the model normalises on its device."""
     if cfg.data.normalize_on != "loader":
         return None
-    info = DATASET_INFO[cfg.data.dataset]
+    info = dataset_info(cfg.data.dataset)
     return info.mean, info.std

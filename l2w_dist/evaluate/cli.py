@@ -36,10 +36,9 @@ def evaluate_checkpoint(checkpoint: Path, output: Path, overrides: Sequence[str]
     import torch
 
     from ..config import load_config
-    from ..data import attach_input_normalizer
     from ..dist import cleanup, init_distributed
     from ..engine.checkpoint import load_checkpoint
-    from ..engine.trainer import eval_loader, resolve_data_spec
+    from ..engine.trainer import attach_device_normalization, eval_loader, resolve_data_spec
     from ..models import create_model
     from ..train import _dict_overrides
     from . import anytime, budgeted, collect_logits, plot_curves, write_eval_json
@@ -49,8 +48,7 @@ def evaluate_checkpoint(checkpoint: Path, output: Path, overrides: Sequence[str]
     env = init_distributed()
     try:
         model = create_model(cfg.model.name, **cfg.model.options)
-        if cfg.data.normalize_on == "device":  # eval_loader then yields uint8 images
-            attach_input_normalizer(model, cfg.data.dataset)
+        attach_device_normalization(model, cfg)  # eval_loader yields uint8 images then
         use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
         if use_ema and state.get("ema") is None:
             raise ValueError(f"{checkpoint} holds no EMA weights (train.ema_decay was 0)")
