@@ -151,8 +151,9 @@ def _half_step(
     # 1. Shared train forward at θ, through the wrapper (DDP broadcasts buffers, hooks grads).
     if reuse is not None:  # run by the previous half step as its meta forward, at θ' == θ
         with torch.no_grad():  # BatchNorm running statistics as this forward leaves them
-            for name, b in module.named_buffers():
-                b.copy_(reuse.buffers[name])
+            own = dict(module.named_buffers())  # one multi-tensor copy, not one kernel per buffer
+            if own:  # (a BatchNorm-free model has none)
+                torch._foreach_copy_(list(own.values()), [reuse.buffers[n] for n in own])
         logits, grad_wrt = reuse.logits, reuse.theta
     else:
         # pre_update never back-propagates this forward through the wrapper: DDP's reducer

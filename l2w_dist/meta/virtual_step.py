@@ -107,18 +107,21 @@ def _adamw_groups(names, states: dict[str, ParamOptState]) -> dict[tuple, list[s
     return groups
 
 
-def _adam_moments_foreach(names: list[str], grads, states, first: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """m' and v' of :func:`_adam_moments` for a group, by multi-tensor ops."""
+def _adam_moments_foreach(names: list[str], grads, states) -> tuple[list[Tensor], list[Tensor], float, float]:
+    """:func:`_adam_moments` (m', v', bias corrections) for a group of one ``_adamw_groups``
+    key, by multi-tensor ops."""
     s0 = states[names[0]]
     b1, b2 = s0.betas
+    t = s0.step + 1
     g = [grads[n] for n in names]
-    if first:  # no moments yet: m' = (1-β1) g, v' = (1-β2) g²
-        return torch._foreach_mul(g, 1 - b1), torch._foreach_mul(torch._foreach_mul(g, g), 1 - b2)
-    m = torch._foreach_mul([states[n].exp_avg for n in names], b1)
-    torch._foreach_add_(m, g, alpha=1 - b1)
-    v = torch._foreach_mul([states[n].exp_avg_sq for n in names], b2)
-    torch._foreach_addcmul_(v, g, g, value=1 - b2)
-    return m, v
+    if s0.exp_avg is None:  # no moments yet: m' = (1-β1) g, v' = (1-β2) g²
+        m, v = torch._foreach_mul(g, 1 - b1), torch._foreach_mul(torch._foreach_mul(g, g), 1 - b2)
+    else:
+        m = torch._foreach_mul([states[n].exp_avg for n in names], b1)
+        torch._foreach_add_(m, g, alpha=1 - b1)
+        v = torch._foreach_mul([states[n].exp_avg_sq for n in names], b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)
+    return m, v, 1 - b1**t, 1 - b2**t
 
 
 def _adamw_foreach(
@@ -127,12 +130,10 @@ def _adamw_foreach(
     """The AdamW branch of :func:`virtual_step` for all AdamW parameters, without autograd: a
     few dozen kernels per group instead of ~12 per parameter (a ViT has ~150 tensors)."""
     out: dict[str, Tensor] = {}
-    for (lr, wd, (b1, b2), eps, step, no_m, no_v), names in _adamw_groups(params, states).items():
+    for (lr, wd, _betas, eps, _step, no_m, no_v), names in _adamw_groups(params, states).items():
         if no_m != no_v:  # one moment without the other: leave it to the per-parameter formula
             continue
-        t = step + 1
-        bc1, bc2 = 1 - b1**t, 1 - b2**t
-        m, v = _adam_moments_foreach(names, grads, states, first=no_m)
+        m, v, bc1, bc2 = _adam_moments_foreach(names, grads, states)
         den = torch._foreach_sqrt(v)  # v' >= 0: plain sqrt is exact here (no graph, no derivative)
         torch._foreach_div_(den, math.sqrt(bc2))
         torch._foreach_add_(den, eps)
@@ -145,12 +146,10 @@ def _adamw_foreach(
 def _adamw_derivative_foreach(grads: dict[str, Tensor], states: dict[str, ParamOptState]) -> dict[str, Tensor]:
     """The AdamW branch of :func:`step_derivative` by multi-tensor ops (same formula)."""
     out: dict[str, Tensor] = {}
-    for (lr, _wd, (b1, b2), eps, step, no_m, no_v), names in _adamw_groups(grads, states).items():
+    for (lr, _wd, (b1, b2), eps, _step, no_m, no_v), names in _adamw_groups(grads, states).items():
         if no_m != no_v:
             continue
-        t = step + 1
-        bc1, bc2 = 1 - b1**t, 1 - b2**t
-        m, v = _adam_moments_foreach(names, grads, states, first=no_m)
+        m, v, bc1, bc2 = _adam_moments_foreach(names, grads, states)
         sq = torch._foreach_sqrt(v)
         den = torch._foreach_div(sq, math.sqrt(bc2))
         torch._foreach_add_(den, eps)
