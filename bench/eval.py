@@ -87,8 +87,9 @@ def main() -> None:
     ap.add_argument("--exits", type=int, default=5)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--loop-points", type=int, default=39, help="points timed for the literal loop")
-    ap.add_argument("--release-points", type=int, default=3,
-                    help="points timed for the release-style loop (extrapolated to 39)")
+    ap.add_argument(
+        "--release-points", type=int, default=3, help="points timed for the release-style loop (extrapolated to 39)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cuda", action="store_true", help="also time the vectorised path on the GPU")
     args = ap.parse_args()
@@ -104,11 +105,11 @@ def main() -> None:
     ps = list(DEFAULT_PS)
 
     # shared first step: softmax -> confidence and prediction (once per split, not per point)
-    t_conf, (conf_h, conf_t, pred_t) = best_of(args.repeats, lambda: (
-        confidence_and_prediction(h_logits)[0], *confidence_and_prediction(t_logits)))
+    t_conf, (conf_h, conf_t, pred_t) = best_of(
+        args.repeats, lambda: (confidence_and_prediction(h_logits)[0], *confidence_and_prediction(t_logits))
+    )
     t_full, fast = best_of(args.repeats, lambda: budgeted(h_logits, h_labels, t_logits, t_labels, flops, ps))
-    t_vec, core = best_of(args.repeats, lambda: budgeted_from_confidence(conf_h, conf_t, pred_t, t_labels,
-                                                                         flops, ps))
+    t_vec, core = best_of(args.repeats, lambda: budgeted_from_confidence(conf_h, conf_t, pred_t, t_labels, flops, ps))
     assert core.points == fast
 
     loop_ps = ps[:: max(1, len(ps) // args.loop_points)][: args.loop_points]
@@ -128,22 +129,22 @@ def main() -> None:
     t_release = (time.perf_counter() - t0) * len(ps) / len(rel_ps)
 
     extrap = "" if len(loop_ps) == len(ps) else f", timed on {len(loop_ps)} points, extrapolated to 39"
-    print(f"budgeted batch: {n} held-out + {n} test samples, K={k} exits, C={c} classes, "
-          f"{len(ps)} points, 1 thread")
+    print(f"budgeted batch: {n} held-out + {n} test samples, K={k} exits, C={c} classes, {len(ps)} points, 1 thread")
     print(f"softmax -> confidences (shared, once) : {t_conf:9.3f} s")
     print(f"vectorised, after softmax             : {t_vec:9.3f} s")
     print(f"vectorised, end to end (budgeted())   : {t_full:9.3f} s")
     print(f"literal loop on lists, after softmax  : {t_loop:9.3f} s  (results equal{extrap})")
-    print(f"release-style loop, after softmax     : {t_release:9.1f} s  "
-          f"(timed on p={rel_ps}, extrapolated to 39 points; results equal)")
+    print(
+        f"release-style loop, after softmax     : {t_release:9.1f} s  "
+        f"(timed on p={rel_ps}, extrapolated to 39 points; results equal)"
+    )
     print(f"speed-up after softmax, vs literal loop on lists : {t_loop / t_vec:8.1f}x")
     print(f"speed-up after softmax, vs release-style loop    : {t_release / t_vec:8.1f}x")
     print(f"speed-up end to end,    vs literal loop on lists : {(t_conf + t_loop) / t_full:8.1f}x")
     print(f"speed-up end to end,    vs release-style loop    : {(t_conf + t_release) / t_full:8.1f}x")
 
     if args.cuda:
-        cuda_check(args, h_logits, h_labels, t_logits, t_labels, flops, ps,
-                   conf_h, conf_t, pred_t, fast, t_vec)
+        cuda_check(args, h_logits, h_labels, t_logits, t_labels, flops, ps, conf_h, conf_t, pred_t, fast, t_vec)
 
 
 def cuda_check(args, h_logits, h_labels, t_logits, t_labels, flops, ps, conf_h, conf_t, pred_t, fast, t_vec):
@@ -167,10 +168,12 @@ def cuda_check(args, h_logits, h_labels, t_logits, t_labels, flops, ps, conf_h, 
     gh, gt, ghl, gtl = (x.to(dev) for x in (h_logits, t_logits, h_labels, t_labels))
     t_e2e, pts = timed(lambda: budgeted(gh, ghl, gt, gtl, flops, ps))
     differ = sum(a != b for a, b in zip(pts, fast))
-    print(f"CUDA ({torch.cuda.get_device_name()}): after softmax {t_core * 1e3:.1f} ms "
-          f"(equal to CPU on the same confidences; {t_vec / t_core:.1f}x the 1-thread CPU core), "
-          f"end to end with GPU softmax {t_e2e * 1e3:.1f} ms; "
-          f"{differ}/{len(pts)} points differ from CPU when the softmax runs on the GPU")
+    print(
+        f"CUDA ({torch.cuda.get_device_name()}): after softmax {t_core * 1e3:.1f} ms "
+        f"(equal to CPU on the same confidences; {t_vec / t_core:.1f}x the 1-thread CPU core), "
+        f"end to end with GPU softmax {t_e2e * 1e3:.1f} ms; "
+        f"{differ}/{len(pts)} points differ from CPU when the softmax runs on the GPU"
+    )
 
 
 if __name__ == "__main__":

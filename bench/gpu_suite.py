@@ -1,4 +1,4 @@
-"""GPU performance suite (issue 7): plain vs L2W iterations at the paper's batch sizes.
+"""GPU performance suite: plain vs L2W iterations at the paper's batch sizes.
 
 One process runs every case through ``bench/meta_step.py``'s ``run_variant`` (same code the
 CPU benchmark uses), frees the GPU between cases, and stops starting new cases once the time
@@ -28,15 +28,47 @@ import meta_step  # noqa: E402  (bench/meta_step.py: the variants)
 
 # (name, model, model args, batch on GPU, batch on CPU, dtype, channels_last, variants)
 CASES = [
-    ("msdnet_in_step4_fp32", "msdnet_imagenet", ["step=4"], 512, 4, "fp32", False,
-     ["plain", "jvp", "jvp_nometa", "jvp_pre", "jvp_pre_rerun", "autograd"]),
-    ("msdnet_in_step4_bf16_cl", "msdnet_imagenet", ["step=4"], 512, 4, "bf16", True,
-     ["plain", "jvp", "jvp_nometa", "jvp_pre"]),
-    ("msdnet_cifar_fp32", "msdnet_cifar", [], 1024, 16, "fp32", False,
-     ["plain", "jvp", "jvp_nometa", "jvp_pre", "autograd"]),
+    (
+        "msdnet_in_step4_fp32",
+        "msdnet_imagenet",
+        ["step=4"],
+        512,
+        4,
+        "fp32",
+        False,
+        ["plain", "jvp", "jvp_nometa", "jvp_pre", "jvp_pre_rerun", "autograd"],
+    ),
+    (
+        "msdnet_in_step4_bf16_cl",
+        "msdnet_imagenet",
+        ["step=4"],
+        512,
+        4,
+        "bf16",
+        True,
+        ["plain", "jvp", "jvp_nometa", "jvp_pre"],
+    ),
+    (
+        "msdnet_cifar_fp32",
+        "msdnet_cifar",
+        [],
+        1024,
+        16,
+        "fp32",
+        False,
+        ["plain", "jvp", "jvp_nometa", "jvp_pre", "autograd"],
+    ),
     ("msdnet_cifar_bf16_cl", "msdnet_cifar", [], 1024, 16, "bf16", True, ["plain", "jvp", "jvp_nometa"]),
-    ("deit_small_exits_bf16", "vit_exits", ["backbone=deit_small_patch16_224"], 256, 2, "bf16", False,
-     ["plain", "jvp"]),
+    (
+        "deit_small_exits_bf16",
+        "vit_exits",
+        ["backbone=deit_small_patch16_224"],
+        256,
+        2,
+        "bf16",
+        False,
+        ["plain", "jvp"],
+    ),
     ("msdnet_in_step4_bf16_cl_compile", "msdnet_imagenet", ["step=4"], 512, 4, "bf16", True, ["plain_compile"]),
 ]
 
@@ -48,21 +80,38 @@ def run_case(case, args) -> list[dict]:
         if time.perf_counter() - args.t0 > args.budget_s:
             print(f"  budget spent: skipping {name}/{variant}", flush=True)
             continue
-        ns = meta_step.parse_args([
-            "--model", model, *sum((["--model-arg", a] for a in model_args), []),
-            "--device", args.device, "--batch", str(gpu_batch if args.device == "cuda" else cpu_batch),
-            "--dtype", dtype, "--iters", str(args.iters), "--warmup", str(args.warmup),
-            "--threads", str(args.threads), *(["--channels-last"] if channels_last else []),
-            *(["--optimizer", "adamw"] if model == "vit_exits" else []),  # as the DeiT recipe
-        ])
+        ns = meta_step.parse_args(
+            [
+                "--model",
+                model,
+                *sum((["--model-arg", a] for a in model_args), []),
+                "--device",
+                args.device,
+                "--batch",
+                str(gpu_batch if args.device == "cuda" else cpu_batch),
+                "--dtype",
+                dtype,
+                "--iters",
+                str(args.iters),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+                *(["--channels-last"] if channels_last else []),
+                *(["--optimizer", "adamw"] if model == "vit_exits" else []),  # as the DeiT recipe
+            ]
+        )
         try:
             r = time_variant(ns, variant)
         except Exception as err:  # record and go on: one failing case must not lose the others
             r = {"variant": variant, "error": f"{type(err).__name__}: {err}"[:500]}
         r.update(case=name, model=model, batch=ns.batch, dtype=dtype, channels_last=channels_last)
         results.append(r)
-        print(f"  {name:34s} {variant:14s} " + (f"{r['ms_median']:9.1f} ms  peak {r['peak_mb']:9.0f} MB"
-                                                  if "ms_median" in r else r["error"]), flush=True)
+        print(
+            f"  {name:34s} {variant:14s} "
+            + (f"{r['ms_median']:9.1f} ms  peak {r['peak_mb']:9.0f} MB" if "ms_median" in r else r["error"]),
+            flush=True,
+        )
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -117,17 +166,24 @@ def ratios(results: list[dict]) -> dict[str, float]:
     eager = by.get(("msdnet_in_step4_bf16_cl", "plain"))
     if compiled and eager:
         out["msdnet_in_step4: torch.compile plain speed-up over eager (bf16+cl)"] = (
-            eager["ms_median"] / compiled["ms_median"])
+            eager["ms_median"] / compiled["ms_median"]
+        )
     return out
 
 
 def markdown(device: str, results: list[dict], rat: dict[str, float]) -> str:
-    lines = [f"Device: {device}", "", "| case | batch | variant | ms/iter | img/s | peak MB |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = [
+        f"Device: {device}",
+        "",
+        "| case | batch | variant | ms/iter | img/s | peak MB |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for r in results:
         if "ms_median" in r:
-            lines.append(f"| {r['case']} | {r['batch']} | {r['variant']} | {r['ms_median']:.1f} | "
-                         f"{1000 * r['batch'] / r['ms_median']:.0f} | {r['peak_mb']:.0f} |")
+            lines.append(
+                f"| {r['case']} | {r['batch']} | {r['variant']} | {r['ms_median']:.1f} | "
+                f"{1000 * r['batch'] / r['ms_median']:.0f} | {r['peak_mb']:.0f} |"
+            )
         else:
             lines.append(f"| {r['case']} | {r['batch']} | {r['variant']} | failed: {r['error'][:80]} | | |")
     lines += ["", "| ratio | value |", "|---|---:|"]
@@ -158,8 +214,9 @@ def main(argv=None) -> None:
     for case in chosen:
         results += run_case(case, args)
         rat = ratios(results)
-        (out_dir / "gpu_suite.json").write_text(json.dumps(
-            {"device": device, "torch": torch.__version__, "results": results, "ratios": rat}, indent=1))
+        (out_dir / "gpu_suite.json").write_text(
+            json.dumps({"device": device, "torch": torch.__version__, "results": results, "ratios": rat}, indent=1)
+        )
         (out_dir / "gpu_suite.md").write_text(markdown(device, results, rat))
     print(markdown(device, results, ratios(results)))
     print(f"total {time.perf_counter() - args.t0:.0f} s")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU performance suite (issue 7): one script, under 8 minutes on one H100/H200, no network.
+# GPU performance suite: one script, under 8 minutes on one H100/H200, no network.
 # Writes OUT_DIR/gpu_suite.json and OUT_DIR/gpu_suite.md. CPU smoke mode: --device cpu.
 #   bash bench/gpu_suite.sh [OUT_DIR] [extra args for bench/gpu_suite.py]
 set -euo pipefail

@@ -99,14 +99,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", default="500x375", help="WxH of the generated JPEGs")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--shuffle-buffer", type=int, default=1000,
-                   help="samples per worker buffered before the first is yielded (the loader's default)")
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=1000,
+        help="samples per worker buffered before the first is yielded (the loader's default)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="passes per loader; the best is reported")
-    p.add_argument("--gpu-img-s", type=float, default=2240.0,
-                   help="training throughput per GPU to feed (default: msdnet step4 plain step, H200)")
+    p.add_argument(
+        "--gpu-img-s",
+        type=float,
+        default=2240.0,
+        help="training throughput per GPU to feed (default: msdnet step4 plain step, H200)",
+    )
     p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--normalize-on", default="loader", choices=("loader", "device"),
-                   help="device: both loaders yield uint8 (the model normalises; data.normalize_on)")
+    p.add_argument(
+        "--normalize-on",
+        default="loader",
+        choices=("loader", "device"),
+        help="device: both loaders yield uint8 (the model normalises; data.normalize_on)",
+    )
     p.add_argument("--workdir", default=None, help="where to write images/shards (default: a temp dir)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -121,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     size = tuple(int(v) for v in args.size.split("x"))
     paths = make_jpegs(work / "jpeg", args.images, size)
     mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
-    spec = write_shards("imagefolder", work / "jpeg", work / "shards/bench", maxcount=128, holdout=0,
-                        workers=1, progress=False)  # fmt: skip
+    spec = write_shards(
+        "imagefolder", work / "jpeg", work / "shards/bench", maxcount=128, holdout=0, workers=1, progress=False
+    )
     tf = build_transforms("imagenet", train=True, img_size=224, normalize=args.normalize_on == "loader")
     # Our loader as the trainer builds it: uint8 transform, normalised into the batch by the
     # loader (normalize_on=loader) or on the device (normalize_on=device) — the same values.
@@ -140,9 +153,18 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeats):
             folder_ds = ImageFolder(str(work / "jpeg" / "train"), transform=tf)
             folder = DataLoader(folder_ds, args.batch_size, shuffle=True, num_workers=w, drop_last=True)
-            ours = build_train_loader(spec, batch_size=args.batch_size, rank=0, world_size=1, num_workers=w,
-                                      transform=tf_uint8, normalize=fused, seed=0, epoch_length=nb,
-                                      shuffle_buffer=args.shuffle_buffer)  # fmt: skip
+            ours = build_train_loader(
+                spec,
+                batch_size=args.batch_size,
+                rank=0,
+                world_size=1,
+                num_workers=w,
+                transform=tf_uint8,
+                normalize=fused,
+                seed=0,
+                epoch_length=nb,
+                shuffle_buffer=args.shuffle_buffer,
+            )
             steady_of = {}
             for name, loader in (("imagefolder", folder), ("wds", ours)):
                 steady, total, per_cpu = timed(loader, warm_batches=max(1, w))
@@ -151,42 +173,65 @@ def main(argv: list[str] | None = None) -> dict:
                 best_cpu[name] = max(best_cpu[name], per_cpu)
             pair_ratios.append(steady_of["wds"] / steady_of["imagefolder"])
         ratio = best["wds"][0] / best["imagefolder"][0]
-        rows.append({"workers": w, "wds_img_s": best["wds"][0], "imagefolder_img_s": best["imagefolder"][0],
-                     "ratio": ratio, "pair_ratios": pair_ratios,
-                     "median_pair_ratio": sorted(pair_ratios)[len(pair_ratios) // 2], "wds_total_img_s": best["wds"][1],
-                     "imagefolder_total_img_s": best["imagefolder"][1],
-                     "wds_img_per_cpu_s": best_cpu["wds"],
-                     "imagefolder_img_per_cpu_s": best_cpu["imagefolder"],
-                     "cpu_ratio": best_cpu["wds"] / best_cpu["imagefolder"]})  # fmt: skip
+        rows.append(
+            {
+                "workers": w,
+                "wds_img_s": best["wds"][0],
+                "imagefolder_img_s": best["imagefolder"][0],
+                "ratio": ratio,
+                "pair_ratios": pair_ratios,
+                "median_pair_ratio": sorted(pair_ratios)[len(pair_ratios) // 2],
+                "wds_total_img_s": best["wds"][1],
+                "imagefolder_total_img_s": best["imagefolder"][1],
+                "wds_img_per_cpu_s": best_cpu["wds"],
+                "imagefolder_img_per_cpu_s": best_cpu["imagefolder"],
+                "cpu_ratio": best_cpu["wds"] / best_cpu["imagefolder"],
+            }
+        )
 
     per_core = max(r["wds_img_per_cpu_s"] for r in rows)  # contention-free per-core rate
     need = args.gpu_img_s * args.gpus
     result = {
-        "images": args.images, "shuffle_buffer": args.shuffle_buffer, "normalize_on": args.normalize_on,
-        "size": args.size, "mean_jpeg_kb": mean_kb, "batch_size": args.batch_size,
-        "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
-        "decode_only_img_s_1core": dec_only, "decode_transform_img_s_1core": dec_tf,
-        "rows": rows, "per_core_img_s": per_core, "gpu_img_s": args.gpu_img_s, "gpus": args.gpus,
-        "node_img_s": need, "cores_needed": need / per_core,
-    }  # fmt: skip
+        "images": args.images,
+        "shuffle_buffer": args.shuffle_buffer,
+        "normalize_on": args.normalize_on,
+        "size": args.size,
+        "mean_jpeg_kb": mean_kb,
+        "batch_size": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min": os.getloadavg()[0],
+        "decode_only_img_s_1core": dec_only,
+        "decode_transform_img_s_1core": dec_tf,
+        "rows": rows,
+        "per_core_img_s": per_core,
+        "gpu_img_s": args.gpu_img_s,
+        "gpus": args.gpus,
+        "node_img_s": need,
+        "cores_needed": need / per_core,
+    }
 
-    print(f"{args.images} JPEGs {args.size}, mean {mean_kb:.0f} kB; batch {args.batch_size}; "
-          f"normalised on the {args.normalize_on}; "
-          f"{os.cpu_count()} cores, load {result['loadavg_1min']:.1f}")  # fmt: skip
+    print(
+        f"{args.images} JPEGs {args.size}, mean {mean_kb:.0f} kB; batch {args.batch_size}; "
+        f"normalised on the {args.normalize_on}; "
+        f"{os.cpu_count()} cores, load {result['loadavg_1min']:.1f}"
+    )
     print(f"1 core: decode only {dec_only:.0f} img/s; decode + RRC/flip/normalize {dec_tf:.0f} img/s")
-    print("workers | wds img/s | ImageFolder img/s | ratio | incl. start-up wds / IF "
-          "| img per CPU-s wds / IF | ratio")
+    print("workers | wds img/s | ImageFolder img/s | ratio | incl. start-up wds / IF | img per CPU-s wds / IF | ratio")
     for r in rows:
         pairs = " ".join(f"{v:.2f}" for v in r["pair_ratios"])
         print(f"  {r['workers']} worker(s): wds/IF of back-to-back passes {pairs}; median {r['median_pair_ratio']:.2f}")
     for r in rows:
         totals = f"{r['wds_total_img_s']:.0f} / {r['imagefolder_total_img_s']:.0f}"
-        print(f"{r['workers']:7d} | {r['wds_img_s']:9.0f} | {r['imagefolder_img_s']:17.0f} | "
-              f"{r['ratio']:5.2f} | {totals:>23} | {r['wds_img_per_cpu_s']:6.0f} / "
-              f"{r['imagefolder_img_per_cpu_s']:<6.0f}        | {r['cpu_ratio']:.2f}")  # fmt: skip
-    print(f"per core (img per CPU-second) {per_core:.0f} img/s -> "
-          f"{args.gpus} GPUs × {args.gpu_img_s:.0f} img/s "
-          f"= {need:.0f} img/s needs ≈ {result['cores_needed']:.0f} decode cores")  # fmt: skip
+        print(
+            f"{r['workers']:7d} | {r['wds_img_s']:9.0f} | {r['imagefolder_img_s']:17.0f} | "
+            f"{r['ratio']:5.2f} | {totals:>23} | {r['wds_img_per_cpu_s']:6.0f} / "
+            f"{r['imagefolder_img_per_cpu_s']:<6.0f}        | {r['cpu_ratio']:.2f}"
+        )
+    print(
+        f"per core (img per CPU-second) {per_core:.0f} img/s -> "
+        f"{args.gpus} GPUs × {args.gpu_img_s:.0f} img/s "
+        f"= {need:.0f} img/s needs ≈ {result['cores_needed']:.0f} decode cores"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -1,4 +1,4 @@
-"""Cost of one L2W iteration vs a plain multi-exit training step (issue 8's benchmark).
+"""Cost of one L2W iteration vs a plain multi-exit training step.
 
 Variants, all on the same model, batch and device, each in a fresh subprocess so that peak
 memory is measured per variant:
@@ -32,6 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from l2w_dist.utils import autocast
+
 VARIANTS = ("plain", "reference", "autograd", "jvp", "jvp_pre")
 # Also buildable (used by bench/gpu_suite.py): an L2W iteration whose step skips the meta step
 # (what 99 of 100 iterations cost at meta_interval 100), and the plain step under torch.compile.
@@ -52,8 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
-                    help="real optimizer (the released loop 'reference' is SGD-only: skipped with adamw)")  # fmt: skip
+    ap.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=("sgd", "adamw"),
+        help="real optimizer (the released loop 'reference' is SGD-only: skipped with adamw)",
+    )
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant
@@ -197,7 +203,7 @@ def build_variant(args: argparse.Namespace, v: str):
 
 
 def _autocast(args: argparse.Namespace):
-    return torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    return autocast(args.device, args.dtype)
 
 
 def _timed(args: argparse.Namespace, fn) -> float:

@@ -1,4 +1,4 @@
-"""Weak scaling of the distributed L2W iteration, and what it communicates (issue 3's benchmark).
+"""Weak scaling of the distributed L2W iteration, and what it communicates.
 
 For each world size (default 1 and 2 CPU processes over gloo, one thread each) and a
 fixed *per-rank* batch, times three modes on the same model:
@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from l2w_dist.dist.backends import build_backend
-from l2w_dist.dist.env import DistEnv
-from l2w_dist.dist.testing import run_ranks
+from l2w_dist.distributed.backends import build_backend
+from l2w_dist.distributed.env import DistEnv
+from l2w_dist.distributed.testing import run_ranks
 
 MODES = ("plain", "l2w", "l2w_pre")
 INPUT_SIZE = {"msdnet_cifar": (3, 32, 32), "msdnet_imagenet": (3, 224, 224)}
@@ -88,9 +88,7 @@ def _bench(env: DistEnv, opts: dict) -> dict:
     return results
 
 
-def _bench_mode(
-    env: DistEnv, opts: dict, mode: str, x: torch.Tensor, g: torch.Generator, counters: dict
-) -> dict:
+def _bench_mode(env: DistEnv, opts: dict, mode: str, x: torch.Tensor, g: torch.Generator, counters: dict) -> dict:
     from l2w_dist.meta import L2WConfig, LocalCollectives, WeightNet, default_collectives, l2w_iteration
     from l2w_dist.models import create_model
 
@@ -113,9 +111,7 @@ def _bench_mode(
     wnet = WeightNet(len(model(x[:2])))
     mopt = torch.optim.Adam(wnet.parameters(), lr=1e-4, weight_decay=1e-4)
     coll = CountingCollectives(default_collectives() if shared else LocalCollectives())
-    cfg = L2WConfig(
-        epsilon=0.8, constraint="col", real_weights="pre_update" if mode == "l2w_pre" else "updated"
-    )
+    cfg = L2WConfig(epsilon=0.8, constraint="col", real_weights="pre_update" if mode == "l2w_pre" else "updated")
 
     def one_iteration():
         if mode == "plain":
@@ -172,9 +168,7 @@ def main(argv=None) -> dict:
         "(the 1-process time under the same CPU sharing as N processes)",
     )
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument(
-        "--repeats", type=int, default=1, help="rounds over the world sizes; the fastest median is kept"
-    )
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over the world sizes; the fastest median is kept")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None, help="write a markdown report here")
     args = ap.parse_args(argv)
@@ -244,9 +238,7 @@ def main(argv=None) -> dict:
             total = r["bytes_ddp_grad"] + r["bytes_ddp_buffers"] + r["bytes_l2w"]
             effs = ["—", "—", "—"]
             if "x" not in w and w != "1":
-                effs[0] = (
-                    f"{by_world['1'][mode]['ms_median'] / r['ms_median']:.1%}" if "1" in by_world else "—"
-                )
+                effs[0] = f"{by_world['1'][mode]['ms_median'] / r['ms_median']:.1%}" if "1" in by_world else "—"
                 matched = by_world.get(f"1x{w}")
                 effs[1] = f"{matched[mode]['ms_median'] / r['ms_median']:.1%}" if matched else "—"
                 if "1" in by_world:

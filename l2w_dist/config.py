@@ -8,6 +8,7 @@ Every key is checked before anything runs: an unknown key or a bad value raises
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -169,6 +170,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return apply_overrides(raw, overrides)
+
+
+def apply_overrides(base: Config | dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """``base`` (a Config, or nested plain data such as a checkpoint's ``config``) with
+    ``key=value`` overrides applied (values parsed as YAML), validated."""
+    raw = copy.deepcopy(base.to_dict() if isinstance(base, Config) else base)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -50,6 +50,8 @@ from typing import Any
 
 import submitit
 
+from l2w_dist.utils import atomic_write_json
+
 CLUSTERS = ("slurm", "local", "debug")
 DEFAULT_TRAINER = "l2w_dist.train:run_training"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +74,7 @@ class Preset:
     mem: str | None = None
 
 
-IMAGENET = Preset("imagenet", "configs/imagenet/msdnet_step4.yaml", gpus_per_node=8, cpus_per_task=8,
-                  time="24:00:00")
+IMAGENET = Preset("imagenet", "configs/imagenet/msdnet_step4.yaml", gpus_per_node=8, cpus_per_task=8, time="24:00:00")
 CIFAR = Preset("cifar", "configs/cifar100/msdnet.yaml", gpus_per_node=1, cpus_per_task=4, time="12:00:00")
 
 
@@ -137,9 +138,17 @@ class TrainingRun(submitit.helpers.Checkpointable):
     so the same object can be requeued any number of times and resume where it stopped.
     """
 
-    def __init__(self, config: str, output: str, overrides: Sequence[str] = (), *, max_requeues: int = 20,
-                 trainer: str = DEFAULT_TRAINER, rank_wait_s: float = 120.0,
-                 wandb_run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        config: str,
+        output: str,
+        overrides: Sequence[str] = (),
+        *,
+        max_requeues: int = 20,
+        trainer: str = DEFAULT_TRAINER,
+        rank_wait_s: float = 120.0,
+        wandb_run_id: str | None = None,
+    ) -> None:
         self.config = str(config)
         self.output = str(output)
         self.overrides = list(overrides)
@@ -152,8 +161,7 @@ class TrainingRun(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         env = submitit.JobEnvironment()
         cluster = env.name()
-        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                                          overwrite=True)
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         rank = dist_env.rank
         out = Path(self.output)
         if self.wandb_run_id:  # the id the launcher printed a link for; the trainer's logger uses it
@@ -164,9 +172,12 @@ class TrainingRun(submitit.helpers.Checkpointable):
             log.record_start(job_id=job_id, world_size=dist_env.world_size)
             for stale in (out / ".launch").glob("decision-*.json"):  # previous attempts' decisions
                 stale.unlink(missing_ok=True)
-        print(f"[l2w launch] {cluster} job {env.job_id} rank {rank}/{dist_env.world_size} on "
-              f"{socket.gethostname()}; master {dist_env.master_addr}:{dist_env.master_port}; "
-              f"run folder {out}", flush=True)
+        print(
+            f"[l2w launch] {cluster} job {env.job_id} rank {rank}/{dist_env.world_size} on "
+            f"{socket.gethostname()}; master {dist_env.master_addr}:{dist_env.master_port}; "
+            f"run folder {out}",
+            flush=True,
+        )
 
         stop = StopSignals()
         stop.install()
@@ -195,12 +206,12 @@ class TrainingRun(submitit.helpers.Checkpointable):
                 log.record("finished", job_id=job_id, step=result.get("step"))
             return result
         if status != "preempted":
-            raise RuntimeError(f"trainer {self.trainer} returned status {status!r}; expected "
-                               "'finished' or 'preempted'")
+            raise RuntimeError(f"trainer {self.trainer} returned status {status!r}; expected 'finished' or 'preempted'")
         return self._after_preemption(env, rank, stop, result, log)
 
-    def _after_preemption(self, env: submitit.JobEnvironment, rank: int, stop: StopSignals, result: dict,
-                          log: RequeueLog) -> dict:
+    def _after_preemption(
+        self, env: submitit.JobEnvironment, rank: int, stop: StopSignals, result: dict, log: RequeueLog
+    ) -> dict:
         """All ranks stopped at the same iteration and the checkpoint is written: requeue or exit."""
         step = result.get("step")
         job_id = _job_key(env)
@@ -215,16 +226,23 @@ class TrainingRun(submitit.helpers.Checkpointable):
         if not stop.requeue_requested:
             # SIGTERM: Slurm is requeueing / preempting / cancelling this job and will kill it
             # after KillWait; the checkpoint is on disk, nothing more to do.
-            log.record("stopped", job_id=job_id, step=step, signals=signals,
-                       note="Slurm ends the job (requeue, preemption or scancel); not requeued by us")
+            log.record(
+                "stopped",
+                job_id=job_id,
+                step=step,
+                signals=signals,
+                note="Slurm ends the job (requeue, preemption or scancel); not requeued by us",
+            )
             _write_json(marker, {"action": "exit"})
             sys.exit(-1)
 
         done = log.self_requeues(job_id)
         if done >= self.max_requeues:
-            message = (f"preempted/timed out at step {step} after {done} requeues: reached --max-requeues "
-                       f"{self.max_requeues}. The checkpoint in {self.output}/checkpoints is complete; "
-                       "launch again with the same --output to continue.")
+            message = (
+                f"preempted/timed out at step {step} after {done} requeues: reached --max-requeues "
+                f"{self.max_requeues}. The checkpoint in {self.output}/checkpoints is complete; "
+                "launch again with the same --output to continue."
+            )
             log.record("gave-up", job_id=job_id, step=step, signals=signals)
             _write_json(marker, {"action": "gave-up", "message": message})
             raise RuntimeError(message)
@@ -243,14 +261,18 @@ class TrainingRun(submitit.helpers.Checkpointable):
         with submitit.core.utils.temporary_save_path(paths.submitted_pickle) as tmp:
             delayed.dump(tmp)
         _write_json(marker, {"action": "requeue"})
-        print(f"[l2w launch] requeueing job {job_id} at step {step} (requeue {done + 1} of at most "
-              f"{self.max_requeues})", flush=True)
+        print(
+            f"[l2w launch] requeueing job {job_id} at step {step} (requeue {done + 1} of at most {self.max_requeues})",
+            flush=True,
+        )
         try:
             env._requeue(countdown)  # slurm: scontrol requeue; local: exits with submitit's requeue code
         except Exception as err:
             log.record("requeue-failed", job_id=job_id, step=step, error=str(err)[:1000])
-            raise RuntimeError(f"could not requeue job {job_id} ({err}); the checkpoint at step {step} is "
-                               f"complete: launch again with --output {self.output} to continue") from err
+            raise RuntimeError(
+                f"could not requeue job {job_id} ({err}); the checkpoint at step {step} is "
+                f"complete: launch again with --output {self.output} to continue"
+            ) from err
         sys.exit(-1)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
@@ -262,9 +284,17 @@ class TrainingRun(submitit.helpers.Checkpointable):
         """
         if self._finished:
             return None
-        return submitit.helpers.DelayedSubmission(type(self)(
-            self.config, self.output, self.overrides, max_requeues=self.max_requeues, trainer=self.trainer,
-            rank_wait_s=self.rank_wait_s, wandb_run_id=self.wandb_run_id))
+        return submitit.helpers.DelayedSubmission(
+            type(self)(
+                self.config,
+                self.output,
+                self.overrides,
+                max_requeues=self.max_requeues,
+                trainer=self.trainer,
+                rank_wait_s=self.rank_wait_s,
+                wandb_run_id=self.wandb_run_id,
+            )
+        )
 
 
 class RequeueLog:
@@ -292,8 +322,13 @@ class RequeueLog:
         return data
 
     def record_start(self, job_id: str, world_size: int) -> None:
-        data = self.record("start", job_id=job_id, world_size=world_size, host=socket.gethostname(),
-                           slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+        data = self.record(
+            "start",
+            job_id=job_id,
+            world_size=world_size,
+            host=socket.gethostname(),
+            slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        )
         if data["requeues"]:
             print(f"[l2w launch] job {job_id} restarted: requeue {data['requeues']} of this run", flush=True)
 
@@ -311,10 +346,7 @@ def _job_key(env: submitit.JobEnvironment) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def _wait_for_json(path: Path, timeout_s: float) -> dict | None:
@@ -389,15 +421,18 @@ def _run_quick(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
-        raise LaunchError(f"Slurm controller unreachable: `{' '.join(cmd)}` did not answer within "
-                          f"{timeout_s:g} s (is slurmctld running and SLURM_CONF right?)") from err
+        raise LaunchError(
+            f"Slurm controller unreachable: `{' '.join(cmd)}` did not answer within "
+            f"{timeout_s:g} s (is slurmctld running and SLURM_CONF right?)"
+        ) from err
 
 
 def check_slurm(partition: str | None, timeout_s: float = 15.0) -> str:
     """Fail fast, before submitting, when Slurm cannot take the job. Returns the partition."""
     if shutil.which("sbatch") is None:
-        raise LaunchError("--cluster slurm: sbatch is not on PATH (no Slurm client here); "
-                          "use --cluster local to run on this machine")
+        raise LaunchError(
+            "--cluster slurm: sbatch is not on PATH (no Slurm client here); use --cluster local to run on this machine"
+        )
     ping = _run_quick(["scontrol", "ping"], timeout_s)
     answer = (ping.stdout + ping.stderr).strip()
     if ping.returncode != 0 or "is UP" not in answer:
@@ -417,20 +452,19 @@ def check_slurm(partition: str | None, timeout_s: float = 15.0) -> str:
         states[name] = avail.strip()
     if partition is None:
         if default is None:
-            raise LaunchError(f"no --partition given and the cluster has no default partition; "
-                              f"choose one of {sorted(states)}")
+            raise LaunchError(
+                f"no --partition given and the cluster has no default partition; choose one of {sorted(states)}"
+            )
         partition = default
     for name in partition.split(","):  # sbatch takes a list: the first that can run the job
         if name in states:
             if states[name] != "up":
-                print(f"warning: partition {name!r} is {states[name]!r}: the job waits until it is up",
-                      file=sys.stderr)
+                print(f"warning: partition {name!r} is {states[name]!r}: the job waits until it is up", file=sys.stderr)
             continue
         # Not listed: hidden partitions are only shown to `scontrol show partition NAME`.
         shown = _run_quick(["scontrol", "show", "partition", name], timeout_s)
         if shown.returncode != 0 or f"PartitionName={name}" not in shown.stdout:
-            raise LaunchError(f"--partition {name!r} does not exist on this cluster; "
-                              f"available: {sorted(states)}")
+            raise LaunchError(f"--partition {name!r} does not exist on this cluster; available: {sorted(states)}")
     return partition
 
 
@@ -460,39 +494,79 @@ def build_parser(preset: Preset) -> argparse.ArgumentParser:
         epilog="Trailing KEY=VALUE arguments override the config (e.g. optim.lr=0.4 train.max_steps=20).",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--cluster", required=True, choices=CLUSTERS,
-                   help="slurm: sbatch; local: processes on this machine; debug: in this process")
+    p.add_argument(
+        "--cluster",
+        required=True,
+        choices=CLUSTERS,
+        help="slurm: sbatch; local: processes on this machine; debug: in this process",
+    )
     p.add_argument("--config", default=preset.config, help=f"config file (default {preset.config})")
-    p.add_argument("--output", default=None,
-                   help="run folder shared by all ranks (same folder = resume); default runs/<config>-<time>")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="run folder shared by all ranks (same folder = resume); default runs/<config>-<time>",
+    )
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=preset.gpus_per_node,
-                   help=f"GPUs per node; one task per GPU (default {preset.gpus_per_node})")
-    p.add_argument("--tasks-per-node", type=int, default=None,
-                   help="tasks (ranks) per node; default: --gpus-per-node, or 1 without GPUs. "
-                        "With --gpus-per-node 0 this asks for CPU ranks (gloo)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=preset.gpus_per_node,
+        help=f"GPUs per node; one task per GPU (default {preset.gpus_per_node})",
+    )
+    p.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="tasks (ranks) per node; default: --gpus-per-node, or 1 without GPUs. "
+        "With --gpus-per-node 0 this asks for CPU ranks (gloo)",
+    )
     p.add_argument("--cpus-per-task", type=int, default=preset.cpus_per_task)
     p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
     p.add_argument("--constraint", default=None)
-    p.add_argument("--time", default=preset.time, help=f"time limit per attempt, Slurm format "
-                                                       f"(default {preset.time}); the job requeues itself")
+    p.add_argument(
+        "--time",
+        default=preset.time,
+        help=f"time limit per attempt, Slurm format (default {preset.time}); the job requeues itself",
+    )
     p.add_argument("--mem", default=preset.mem, help="memory per node, Slurm format (e.g. 64G)")
-    p.add_argument("--array", action="append", default=[], metavar="AXIS",
-                   help="one job per value: KEY=V1,V2,... or 'SET1;SET2' (space-separated overrides); "
-                        "repeat for a grid. Each task gets OUTPUT/<index>_<overrides>")
+    p.add_argument(
+        "--array",
+        action="append",
+        default=[],
+        metavar="AXIS",
+        help="one job per value: KEY=V1,V2,... or 'SET1;SET2' (space-separated overrides); "
+        "repeat for a grid. Each task gets OUTPUT/<index>_<overrides>",
+    )
     p.add_argument("--seeds", default=None, help="shorthand for --array train.seed=S1,S2,...")
-    p.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
-                   help="USR2 this long before the time limit: the grace period to reach an iteration "
-                        "boundary, checkpoint and requeue (default 120)")
-    p.add_argument("--max-requeues", type=int, default=20,
-                   help="times the job may requeue itself after time limits/preemption warnings (default 20)")
+    p.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="USR2 this long before the time limit: the grace period to reach an iteration "
+        "boundary, checkpoint and requeue (default 120)",
+    )
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=20,
+        help="times the job may requeue itself after time limits/preemption warnings (default 20)",
+    )
     p.add_argument("--name", default=None, help=f"job name (default l2w-{preset.name})")
-    p.add_argument("--wait", action="store_true",
-                   help="slurm: wait for the job(s) and print the results (local and debug always wait)")
-    p.add_argument("--check-timeout", type=float, default=15.0, metavar="SECONDS",
-                   help="how long `scontrol ping`/`sinfo` may take before the controller counts as unreachable")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="slurm: wait for the job(s) and print the results (local and debug always wait)",
+    )
+    p.add_argument(
+        "--check-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how long `scontrol ping`/`sinfo` may take before the controller counts as unreachable",
+    )
     p.add_argument("--trainer", default=DEFAULT_TRAINER, help=argparse.SUPPRESS)  # tests, custom trainers
     return p
 
@@ -513,22 +587,28 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
     for name in ("nodes", "cpus_per_task", "max_requeues", "signal_delay"):
         value = getattr(args, name)
         if value is None or value < (0 if name in ("max_requeues", "signal_delay") else 1):
-            raise LaunchError(f"--{name.replace('_', '-')} {value!r} must be "
-                              f"{'>= 0' if name in ('max_requeues', 'signal_delay') else '>= 1'}")
+            raise LaunchError(
+                f"--{name.replace('_', '-')} {value!r} must be "
+                f"{'>= 0' if name in ('max_requeues', 'signal_delay') else '>= 1'}"
+            )
     if args.gpus_per_node < 0:
         raise LaunchError(f"--gpus-per-node {args.gpus_per_node} must be >= 0")
     if cluster == "debug":  # one rank in this process, whatever the GPU count
         if args.tasks_per_node not in (None, 1):
-            raise LaunchError(f"--cluster debug runs one task in this process; got --tasks-per-node "
-                              f"{args.tasks_per_node} (use --cluster local for several ranks without Slurm)")
+            raise LaunchError(
+                f"--cluster debug runs one task in this process; got --tasks-per-node "
+                f"{args.tasks_per_node} (use --cluster local for several ranks without Slurm)"
+            )
         tasks = 1
     else:
         tasks = args.tasks_per_node if args.tasks_per_node is not None else max(args.gpus_per_node, 1)
         if tasks < 1:
             raise LaunchError(f"--tasks-per-node {tasks} must be >= 1")
         if args.gpus_per_node > 0 and tasks != args.gpus_per_node:
-            raise LaunchError(f"--tasks-per-node {tasks} with --gpus-per-node {args.gpus_per_node}: the "
-                              "launcher runs one task per GPU (use --gpus-per-node 0 for CPU ranks)")
+            raise LaunchError(
+                f"--tasks-per-node {tasks} with --gpus-per-node {args.gpus_per_node}: the "
+                "launcher runs one task per GPU (use --gpus-per-node 0 for CPU ranks)"
+            )
     if cluster != "slurm" and args.nodes != 1:
         raise LaunchError(f"--nodes {args.nodes}: --cluster {cluster} runs on this machine only (1 node)")
     timeout_min = parse_time(args.time)
@@ -555,14 +635,23 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
     folder = output / "submitit"
     _make_importable_in_jobs()
 
-    executor = make_executor(args, preset, cluster, folder, partition=partition, tasks_per_node=tasks,
-                             timeout_min=timeout_min)
+    executor = make_executor(
+        args, preset, cluster, folder, partition=partition, tasks_per_node=tasks, timeout_min=timeout_min
+    )
 
     jobs_to_submit = []
     for run_dir, overrides, cfg in zip(run_dirs, override_sets, configs):
         wandb_id = _new_wandb_id() if cfg.wandb.mode != "disabled" else None
-        jobs_to_submit.append(TrainingRun(str(config), str(run_dir), overrides, max_requeues=args.max_requeues,
-                                          trainer=args.trainer, wandb_run_id=wandb_id))
+        jobs_to_submit.append(
+            TrainingRun(
+                str(config),
+                str(run_dir),
+                overrides,
+                max_requeues=args.max_requeues,
+                trainer=args.trainer,
+                wandb_run_id=wandb_id,
+            )
+        )
     if len(jobs_to_submit) == 1:
         jobs = [executor.submit(jobs_to_submit[0])]
     else:
@@ -572,33 +661,57 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
         run_dir.mkdir(parents=True, exist_ok=True)
     history = output / "launch.json"  # every launch into this folder (a relaunch resumes the run)
     launches = json.loads(history.read_text())["launches"] if history.exists() else []
-    launches.append({
-        "command": [sys.argv[0], *sys.argv[1:]], "cluster": cluster, "preset": preset.name,
-        "config": str(config), "job_ids": [str(j.job_id) for j in jobs],
-        "run_dirs": [str(d) for d in run_dirs], "overrides": override_sets, "partition": partition,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })
+    launches.append(
+        {
+            "command": [sys.argv[0], *sys.argv[1:]],
+            "cluster": cluster,
+            "preset": preset.name,
+            "config": str(config),
+            "job_ids": [str(j.job_id) for j in jobs],
+            "run_dirs": [str(d) for d in run_dirs],
+            "overrides": override_sets,
+            "partition": partition,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
     _write_json(history, {"launches": launches})
     _print_submission(jobs, run_dirs, jobs_to_submit, configs, cluster)
     return Submitted(jobs=jobs, run_dirs=run_dirs, folder=folder, cluster=cluster)
 
 
-def make_executor(args: argparse.Namespace, preset: Preset, cluster: str, folder: Path, *,
-                  partition: str | None, tasks_per_node: int, timeout_min: int) -> submitit.AutoExecutor:
+def make_executor(
+    args: argparse.Namespace,
+    preset: Preset,
+    cluster: str,
+    folder: Path,
+    *,
+    partition: str | None,
+    tasks_per_node: int,
+    timeout_min: int,
+) -> submitit.AutoExecutor:
     """The submitit executor for ``cluster`` with the job's resources (no Slurm contact here)."""
     # cluster= explicitly: with sbatch on PATH, AutoExecutor would otherwise pick slurm itself.
     extra = {"slurm_max_num_timeout": args.max_requeues} if cluster == "slurm" else {}
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **extra)
-    params: dict[str, Any] = dict(name=args.name or f"l2w-{preset.name}", timeout_min=timeout_min,
-                                  nodes=args.nodes, tasks_per_node=tasks_per_node,
-                                  cpus_per_task=args.cpus_per_task)
+    params: dict[str, Any] = dict(
+        name=args.name or f"l2w-{preset.name}",
+        timeout_min=timeout_min,
+        nodes=args.nodes,
+        tasks_per_node=tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+    )
     if args.gpus_per_node > 0:
         params["gpus_per_node"] = args.gpus_per_node
     if cluster == "slurm":
-        params.update(slurm_partition=partition, slurm_account=args.account, slurm_qos=args.qos,
-                      slurm_constraint=args.constraint, slurm_mem=args.mem,
-                      slurm_signal_delay_s=args.signal_delay,
-                      slurm_additional_parameters={"requeue": True})  # preemption may requeue it too
+        params.update(
+            slurm_partition=partition,
+            slurm_account=args.account,
+            slurm_qos=args.qos,
+            slurm_constraint=args.constraint,
+            slurm_mem=args.mem,
+            slurm_signal_delay_s=args.signal_delay,
+            slurm_additional_parameters={"requeue": True},
+        )  # preemption may requeue it too
     executor.update_parameters(**params)
     if cluster == "local":  # submitit's LocalExecutor has the option but AutoExecutor does not pass it
         executor._executor.parameters["signal_delay_s"] = args.signal_delay
@@ -632,8 +745,9 @@ def _new_wandb_id() -> str:
     return secrets.token_hex(4)
 
 
-def _print_submission(jobs: list[Any], run_dirs: list[Path], specs: list[TrainingRun], configs: list[Any],
-                      cluster: str) -> None:
+def _print_submission(
+    jobs: list[Any], run_dirs: list[Path], specs: list[TrainingRun], configs: list[Any], cluster: str
+) -> None:
     for job, run_dir, spec, cfg in zip(jobs, run_dirs, specs, configs):
         print(f"submitted {cluster} job {job.job_id}")
         print(f"  run folder: {run_dir}")
@@ -688,7 +802,22 @@ def main(argv: Sequence[str] | None = None, preset: Preset = IMAGENET) -> int:
 
 
 __all__ = [
-    "CIFAR", "CLUSTERS", "IMAGENET", "LaunchError", "Preset", "RequeueLog", "StopSignals", "Submitted",
-    "TrainingRun", "build_parser", "check_slurm", "expand_array", "launch", "main", "make_executor", "parse_time",
-    "validate_configs", "wait_and_report",
+    "CIFAR",
+    "CLUSTERS",
+    "IMAGENET",
+    "LaunchError",
+    "Preset",
+    "RequeueLog",
+    "StopSignals",
+    "Submitted",
+    "TrainingRun",
+    "build_parser",
+    "check_slurm",
+    "expand_array",
+    "launch",
+    "main",
+    "make_executor",
+    "parse_time",
+    "validate_configs",
+    "wait_and_report",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, config_from_dict, load_config, save_config
+from .config import Config, ConfigError, apply_overrides, load_config, save_config
 
 
 def run_training(
@@ -28,14 +28,12 @@ def run_training(
     Returns ``{"status": "finished", "step", "eval"}`` or, when ``stop_requested()`` turned
     True on any rank, ``{"status": "preempted", "step"}`` after a checkpoint on all ranks.
     """
-    if isinstance(config, Config):
-        cfg = config if not overrides else load_config(None, _dict_overrides(config.to_dict()) + list(overrides))
-    elif isinstance(config, dict):
-        cfg = load_config(None, _dict_overrides(config) + list(overrides)) if overrides else config_from_dict(config)
+    if isinstance(config, (Config, dict)):
+        cfg = apply_overrides(config, overrides)
     else:
         cfg = load_config(config, overrides)
 
-    from .dist import cleanup, init_distributed
+    from .distributed import cleanup, init_distributed
     from .engine.trainer import TrainingJob
 
     run_dir = Path(output)
@@ -69,25 +67,16 @@ def print_anytime_table(result: dict[str, Any]) -> None:
         print(f"| {row['exit']} | {row['flops'] / 1e6:.1f} | {row['top1']:.2f} | {row['top5']:.2f} |")
     best = max(result["budgeted"], key=lambda r: r["top1"]) if result.get("budgeted") else None
     if best:
-        print(f"budgeted batch: {len(result['budgeted'])} points, best top-1 {best['top1']:.2f}% "
-              f"at {best['flops'] / 1e6:.1f} MFLOPs")
-
-
-def _dict_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    import json
-
-    items = []
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "options":
-            items += _dict_overrides(value, prefix + key + ".")
-        else:
-            items.append(f"{prefix}{key}={json.dumps(value)}")
-    return items
+        print(
+            f"budgeted batch: {len(result['budgeted'])} points, best top-1 {best['top1']:.2f}% "
+            f"at {best['flops'] / 1e6:.1f} MFLOPs"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="l2w-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="l2w-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--output", required=True, help="run folder (resumed if it holds a checkpoint)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.4")

@@ -40,8 +40,8 @@ def _init_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def _batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(8 * world, 4, generator=g)[rank * 8:(rank + 1) * 8]
-    y = torch.randn(8 * world, 3, generator=g)[rank * 8:(rank + 1) * 8]
+    x = torch.randn(8 * world, 4, generator=g)[rank * 8 : (rank + 1) * 8]
+    y = torch.randn(8 * world, 3, generator=g)[rank * 8 : (rank + 1) * 8]
     return x, y
 
 
@@ -84,8 +84,10 @@ def run_training(config, output, overrides=(), stop_requested=None) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
-    seen = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                           "MASTER_PORT", "WANDB_RUN_ID")}
+    seen = {
+        k: os.environ.get(k)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_RUN_ID")
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"env_rank{rank}.json").write_text(json.dumps(seen))
     max_steps = _max_steps(overrides)
@@ -128,10 +130,16 @@ def run_training(config, output, overrides=(), stop_requested=None) -> dict:
     save()
     (out / f"done_rank{rank}").touch()  # the tests signal the job after this point
     if rank == 0:
-        (out / "eval.json").write_text('{"anytime": [{"exit": 1, "flops": 1.0, "top1": 50.0, "top5": 90.0}], '
-                                      '"budgeted": []}')
-    return finish({"status": "finished", "step": step,
-                   "eval": {"anytime": [{"exit": 1, "flops": 1.0, "top1": 50.0, "top5": 90.0}]}})
+        (out / "eval.json").write_text(
+            '{"anytime": [{"exit": 1, "flops": 1.0, "top1": 50.0, "top5": 90.0}], "budgeted": []}'
+        )
+    return finish(
+        {
+            "status": "finished",
+            "step": step,
+            "eval": {"anytime": [{"exit": 1, "flops": 1.0, "top1": 50.0, "top5": 90.0}]},
+        }
+    )
 
 
 def failing_training(config, output, overrides=(), stop_requested=None) -> dict:

@@ -28,21 +28,43 @@ def launch_cmd(*args: str, script: str = "imagenet") -> list[str]:
     return [sys.executable, str(REPO / "launch" / f"{script}.py"), *args]
 
 
-def run_launcher(args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 120,
-                 cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_cmd(*args), env=env or launcher_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+def run_launcher(
+    args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        launch_cmd(*args),
+        env=env or launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
 
 
-def start_launcher(args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None,
-                   log: Path | None = None) -> subprocess.Popen:
+def start_launcher(
+    args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None, log: Path | None = None
+) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(launch_cmd(*args), env=env or launcher_env(), stdout=out, stderr=subprocess.STDOUT,
-                            text=True, cwd=cwd, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        launch_cmd(*args),
+        env=env or launcher_env(),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2,
-               proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> None:
     """Poll ``predicate``; fail early (with the launcher's log) if ``proc`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,9 +113,17 @@ def requeue_log(run_dir: Path) -> dict:
 
 def demo_overrides(data_root: Path, steps: int) -> list[str]:
     """configs/demo.yaml made tiny: a small MSDNet, few steps, one thread, a 500-image holdout."""
-    return [f"train.max_steps={steps}", f"data.root={data_root}", "data.holdout=500", "data.num_workers=0",
-            "train.threads=1", "train.batch_size=32", "train.log_every=1", "meta.hidden=16",
-            "model.options={num_classes: 10, num_blocks: 3, channels: 4, growth_rate: 2}"]
+    return [
+        f"train.max_steps={steps}",
+        f"data.root={data_root}",
+        "data.holdout=500",
+        "data.num_workers=0",
+        "train.threads=1",
+        "train.batch_size=32",
+        "train.log_every=1",
+        "meta.hidden=16",
+        "model.options={num_classes: 10, num_blocks: 3, channels: 4, growth_rate: 2}",
+    ]
 
 
 def prepared_demo_data(tmp_path_factory) -> Path:

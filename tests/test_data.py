@@ -127,9 +127,21 @@ def png_array(data: bytes) -> np.ndarray:
 def test_roundtrip_imagefolder_copies_bytes(tmp_path):
     root = make_imagefolder(tmp_path / "in")
     sidecar = make_shards_main(
-        ["--source", "imagefolder", "--input", str(root), "--output", str(tmp_path / "out/inet"),
-         "--maxcount", "4", "--holdout", "3", "--workers", "1"]
-    )  # fmt: skip
+        [
+            "--source",
+            "imagefolder",
+            "--input",
+            str(root),
+            "--output",
+            str(tmp_path / "out/inet"),
+            "--maxcount",
+            "4",
+            "--holdout",
+            "3",
+            "--workers",
+            "1",
+        ]
+    )
     side = json.loads(sidecar.read_text())
     assert side["classes"] == ["cat", "dog"] and side["dataset_kind"] == "imagenet"
     assert {k: v["count"] for k, v in side["splits"].items()} == {"train": 11, "holdout": 3, "val": 4}
@@ -228,8 +240,17 @@ def test_holdout_disjoint_stable_and_order_independent(tmp_path):
     assert labels == sorted(int(k.split("_")[1]) for k in held)
     # training never sees it, unless the released behaviour is asked for explicitly
     for include, expect in ((False, 34), (True, 40)):
-        tl = build_train_loader(s1, batch_size=1, rank=0, world_size=1, num_workers=0, transform=None, seed=0,
-                                resampled=False, include_holdout=include)  # fmt: skip
+        tl = build_train_loader(
+            s1,
+            batch_size=1,
+            rank=0,
+            world_size=1,
+            num_workers=0,
+            transform=None,
+            seed=0,
+            resampled=False,
+            include_holdout=include,
+        )
         ids = sorted(int(v) for _x, y in tl for v in y)
         assert len(tl) == expect and len(ids) == expect
         assert not include or {int(k.split("_")[1]) for k in held} <= set(ids)
@@ -264,8 +285,7 @@ def test_partition_covers_every_sample_once():
 def test_exact_eval_2_ranks_2_workers_each_sample_once(npz_shards):
     per_rank = []
     for rank in range(2):
-        ev = build_eval_loader(npz_shards, "test", batch_size=4, rank=rank, world_size=2, num_workers=2,
-                               transform=None)  # fmt: skip
+        ev = build_eval_loader(npz_shards, "test", batch_size=4, rank=rank, world_size=2, num_workers=2, transform=None)
         ids = _ids(ev)
         assert len(ids) == ev.num_samples
         assert ids == _ids(ev)  # deterministic order
@@ -276,8 +296,9 @@ def test_exact_eval_2_ranks_2_workers_each_sample_once(npz_shards):
 def test_resampled_equal_batches_per_rank_uneven_shards(npz_shards):
     counts = []
     for rank in range(2):
-        tl = build_train_loader(npz_shards, batch_size=4, rank=rank, world_size=2, num_workers=2,
-                                transform=None, seed=0, shuffle_buffer=8)  # fmt: skip
+        tl = build_train_loader(
+            npz_shards, batch_size=4, rank=rank, world_size=2, num_workers=2, transform=None, seed=0, shuffle_buffer=8
+        )
         assert len(tl) == tl.num_batches == 31 // 8
         batches = list(tl)
         counts.append(len(batches))
@@ -285,16 +306,40 @@ def test_resampled_equal_batches_per_rank_uneven_shards(npz_shards):
     assert counts == [3, 3]
     # a fixed, longer epoch and the non-resampled mode also give equal counts on both ranks
     for resampled in (True, False):
-        n = [len(list(build_train_loader(npz_shards, batch_size=4, rank=r, world_size=2, num_workers=0,
-                                         transform=None, seed=0, epoch_length=11, resampled=resampled)))
-             for r in range(2)]  # fmt: skip
+        n = [
+            len(
+                list(
+                    build_train_loader(
+                        npz_shards,
+                        batch_size=4,
+                        rank=r,
+                        world_size=2,
+                        num_workers=0,
+                        transform=None,
+                        seed=0,
+                        epoch_length=11,
+                        resampled=resampled,
+                    )
+                )
+            )
+            for r in range(2)
+        ]
         assert n == [11, 11]
 
 
 def test_non_resampled_epoch_is_a_permutation(npz_shards):
     """Without resampling one epoch of 31 // 1 batches reads each training sample once."""
-    tl = build_train_loader(npz_shards, batch_size=1, rank=0, world_size=1, num_workers=0, transform=None,
-                            seed=0, resampled=False, shuffle_buffer=4)  # fmt: skip
+    tl = build_train_loader(
+        npz_shards,
+        batch_size=1,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        transform=None,
+        seed=0,
+        resampled=False,
+        shuffle_buffer=4,
+    )
     ids = _ids(tl)
     assert sorted(ids) == list(range(31)) and ids != list(range(31))
 
@@ -306,9 +351,17 @@ def noisy_tensor(image):
 
 def test_train_deterministic_epochs_and_exact_resume(npz_shards):
     def make():
-        return build_train_loader(npz_shards, batch_size=2, rank=1, world_size=2, num_workers=2,
-                                  transform=noisy_tensor,
-                                  seed=5, epoch_length=7, shuffle_buffer=8)  # fmt: skip
+        return build_train_loader(
+            npz_shards,
+            batch_size=2,
+            rank=1,
+            world_size=2,
+            num_workers=2,
+            transform=noisy_tensor,
+            seed=5,
+            epoch_length=7,
+            shuffle_buffer=8,
+        )
 
     a, b = make(), make()
     a.set_epoch(3)
@@ -328,26 +381,41 @@ def test_train_deterministic_epochs_and_exact_resume(npz_shards):
     assert torch.equal(last[0], full[6][0])
     b.set_epoch(3, start_batch=7)
     assert list(b) == []
-    short = build_train_loader(npz_shards, batch_size=2, rank=0, world_size=1, num_workers=2, transform=None,
-                               seed=0, epoch_length=1)  # fmt: skip
+    short = build_train_loader(
+        npz_shards, batch_size=2, rank=0, world_size=1, num_workers=2, transform=None, seed=0, epoch_length=1
+    )
     assert len(list(short)) == 1  # fewer batches than workers
 
 
 def test_channels_last_and_transforms(npz_shards):
     tf = build_transforms("fashion-mnist", True, in_chans=3)  # pads the 8×8 test images to 32
-    tl = build_train_loader(npz_shards, batch_size=3, rank=0, world_size=1, num_workers=0, transform=tf,
-                            seed=0, epoch_length=1, channels_last=True)  # fmt: skip
-    (x, y), = list(tl)
+    tl = build_train_loader(
+        npz_shards,
+        batch_size=3,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        transform=tf,
+        seed=0,
+        epoch_length=1,
+        channels_last=True,
+    )
+    ((x, y),) = list(tl)
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize(
     "kind,train,size,chans,expect",
-    [("fashion-mnist", True, None, None, (3, 32, 32)), ("fashion-mnist", False, None, 1, (1, 32, 32)),
-     ("fashion-mnist", False, 28, 3, (3, 28, 28)), ("cifar", False, None, None, (3, 32, 32)),
-     ("imagenet", True, 48, None, (3, 48, 48)), ("imagenet", False, 48, None, (3, 48, 48))],
-)  # fmt: skip
+    [
+        ("fashion-mnist", True, None, None, (3, 32, 32)),
+        ("fashion-mnist", False, None, 1, (1, 32, 32)),
+        ("fashion-mnist", False, 28, 3, (3, 28, 28)),
+        ("cifar", False, None, None, (3, 32, 32)),
+        ("imagenet", True, 48, None, (3, 48, 48)),
+        ("imagenet", False, 48, None, (3, 48, 48)),
+    ],
+)
 def test_transform_shapes(kind, train, size, chans, expect):
     side = 32 if kind == "cifar" else 28
     img = Image.fromarray(RNG.integers(0, 255, (side, side), dtype=np.uint8)).convert("RGB")
@@ -378,8 +446,17 @@ def _corrupt_spec(tmp_path: Path, n_good: int, n_bad: int) -> dict:
 
 def test_corrupt_samples_skipped_and_counted(tmp_path, caplog):
     spec = _corrupt_spec(tmp_path, n_good=20, n_bad=2)
-    ev = build_eval_loader(spec, "test", batch_size=8, rank=0, world_size=1, num_workers=0,
-                           transform=None, max_bad_fraction=0.2, bad_warmup=10)  # fmt: skip
+    ev = build_eval_loader(
+        spec,
+        "test",
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        transform=None,
+        max_bad_fraction=0.2,
+        bad_warmup=10,
+    )
     with caplog.at_level(logging.WARNING, logger="l2w_dist.data"):
         ids = _ids(ev)
     assert set(ids[:20]) == set(range(2, 22))  # first shard: the 20 good samples
@@ -392,8 +469,17 @@ def test_corrupt_samples_skipped_and_counted(tmp_path, caplog):
 def test_bad_data_totals_summed_over_workers(tmp_path, num_workers):
     """The loader's bad_data() sums every worker's counts (shared memory), across epochs."""
     spec = _corrupt_spec(tmp_path, n_good=20, n_bad=2)
-    ev = build_eval_loader(spec, "test", batch_size=8, rank=0, world_size=1, num_workers=num_workers,
-                           transform=None, max_bad_fraction=0.5, bad_warmup=10)  # fmt: skip
+    ev = build_eval_loader(
+        spec,
+        "test",
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        num_workers=num_workers,
+        transform=None,
+        max_bad_fraction=0.5,
+        bad_warmup=10,
+    )
     n = len(_ids(ev))
     bad, read = ev.bad_data()
     assert bad >= 3 and read >= n + 2  # 2 corrupt images + the truncated tar; read counts the corrupt ones too
@@ -404,8 +490,17 @@ def test_bad_data_totals_summed_over_workers(tmp_path, num_workers):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_fraction_threshold_stops_the_run(tmp_path, num_workers):
     spec = _corrupt_spec(tmp_path, n_good=20, n_bad=4)
-    ev = build_eval_loader(spec, "test", batch_size=8, rank=0, world_size=1, num_workers=num_workers,
-                           transform=None, max_bad_fraction=0.1, bad_warmup=10)  # fmt: skip
+    ev = build_eval_loader(
+        spec,
+        "test",
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        num_workers=num_workers,
+        transform=None,
+        max_bad_fraction=0.1,
+        bad_warmup=10,
+    )
     with pytest.raises(BadDataError, match="max_bad_fraction=0.1"):
         list(ev)
 
@@ -417,8 +512,7 @@ def test_missing_shard_fails_at_start_naming_it(npz_shards, tmp_path):
     with pytest.raises(FileNotFoundError, match="n-train-000099.tar"):
         build_train_loader(side, batch_size=2, rank=0, world_size=1, num_workers=0, transform=None, seed=0)
     with pytest.raises(ValueError, match="split 'holdout' not in the dataset spec; available: train, test"):
-        build_eval_loader(npz_shards, "holdout", batch_size=2, rank=0, world_size=1, num_workers=0,
-                          transform=None)  # fmt: skip
+        build_eval_loader(npz_shards, "holdout", batch_size=2, rank=0, world_size=1, num_workers=0, transform=None)
 
 
 def test_spec_brace_patterns_and_pipe_urls(npz_shards):
@@ -456,14 +550,22 @@ def test_prepare_fashion_mnist_real(tmp_path):
     side = json.loads(sidecar.read_text())
     counts = {k: v["count"] for k, v in side["splits"].items()}
     assert counts == {"train": 55000, "holdout": 5000, "test": 10000}
-    ev = build_eval_loader(sidecar, "test", batch_size=1000, rank=0, world_size=1, num_workers=2,
-                           transform=build_transforms("fashion-mnist", False))  # fmt: skip
+    ev = build_eval_loader(
+        sidecar,
+        "test",
+        batch_size=1000,
+        rank=0,
+        world_size=1,
+        num_workers=2,
+        transform=build_transforms("fashion-mnist", False),
+    )
     labels = torch.cat([y for _x, y in ev])
     assert len(labels) == 10000 and torch.bincount(labels).tolist() == [1000] * 10
 
 
-@pytest.mark.parametrize("kind,train", [("imagenet", False), ("imagenet", True), ("cifar", True),
-                                        ("fashion-mnist", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind,train", [("imagenet", False), ("imagenet", True), ("cifar", True), ("fashion-mnist", False)]
+)
 def test_uint8_transforms_with_device_normalizer_equal_loader_normalization(kind, train):
     """build_transforms(normalize=False) + attach_input_normalizer = the normalising transform."""
     from l2w_dist.data import attach_input_normalizer
@@ -500,19 +602,45 @@ def test_loader_normalisation_in_the_batch_equals_the_transforms(npz_shards, cha
     for fused in (False, True):
         tf = build_transforms("cifar", True, 16, normalize=not fused)
         kw = {"normalize": (info.mean, info.std)} if fused else {}
-        train = build_train_loader(npz_shards, batch_size=8, rank=0, world_size=1, num_workers=num_workers,
-                                   transform=tf, seed=1, epoch_length=3, channels_last=channels_last, **kw)  # fmt: skip
-        ev = build_eval_loader(npz_shards, "test", batch_size=8, rank=0, world_size=1, num_workers=num_workers,
-                               transform=build_transforms("cifar", False, 16, normalize=not fused),
-                               channels_last=channels_last, **kw)  # fmt: skip
+        train = build_train_loader(
+            npz_shards,
+            batch_size=8,
+            rank=0,
+            world_size=1,
+            num_workers=num_workers,
+            transform=tf,
+            seed=1,
+            epoch_length=3,
+            channels_last=channels_last,
+            **kw,
+        )
+        ev = build_eval_loader(
+            npz_shards,
+            "test",
+            batch_size=8,
+            rank=0,
+            world_size=1,
+            num_workers=num_workers,
+            transform=build_transforms("cifar", False, 16, normalize=not fused),
+            channels_last=channels_last,
+            **kw,
+        )
         batches[fused] = list(train) + list(ev)
     assert len(batches[True]) == len(batches[False]) > 3
     for (xa, ya), (xb, yb) in zip(batches[False], batches[True]):
         assert torch.equal(ya, yb) and xb.dtype == torch.float32
         assert xb.is_contiguous(memory_format=torch.channels_last) == channels_last
         torch.testing.assert_close(xb, xa, rtol=0, atol=2e-6)
-    bad = build_train_loader(npz_shards, batch_size=8, rank=0, world_size=1, num_workers=0,
-                             transform=build_transforms("cifar", True, 16), seed=1, epoch_length=1,
-                             normalize=(info.mean, info.std))  # fmt: skip
+    bad = build_train_loader(
+        npz_shards,
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        transform=build_transforms("cifar", True, 16),
+        seed=1,
+        epoch_length=1,
+        normalize=(info.mean, info.std),
+    )
     with pytest.raises(TypeError, match="normalize=False"):
         list(bad)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from l2w_dist.dist.backends import ZERO3_REFUSAL, build_backend
-from l2w_dist.dist.env import DistEnv
-from l2w_dist.dist.testing import run_ranks
-from l2w_dist.dist.zero_state import optimizer_kind, param_state
+from l2w_dist.distributed.backends import build_backend
+from l2w_dist.distributed.deepspeed import ZERO3_REFUSAL
+from l2w_dist.distributed.env import DistEnv
+from l2w_dist.distributed.testing import run_ranks
+from l2w_dist.distributed.zero_state import optimizer_kind, param_state
 
 B = 4  # per-rank batch
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from l2w_dist.dist import env as envmod
-from l2w_dist.dist.env import DistEnvError, first_slurm_host, init_distributed, read_launch_env
+from l2w_dist.distributed import env as envmod
+from l2w_dist.distributed.env import DistEnvError, first_slurm_host, init_distributed, read_launch_env
 
 SLURM_VARS = (
     "SLURM_PROCID",

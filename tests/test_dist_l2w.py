@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from l2w_dist.dist.backends import build_backend
-from l2w_dist.dist.env import DistEnv
-from l2w_dist.dist.testing import run_ranks
+from l2w_dist.distributed.backends import build_backend
+from l2w_dist.distributed.env import DistEnv
+from l2w_dist.distributed.testing import run_ranks
 from l2w_dist.meta import L2WConfig, LocalCollectives, WeightNet, l2w_half_step, l2w_iteration
 from tests.meta_helpers import (
     TinyExitMLP,
@@ -185,9 +185,7 @@ def _bn_worker(env: DistEnv) -> dict:
     mine = slice(r * B, (r + 1) * B)
     out = {}
     for i, case in enumerate(BN_CASES):
-        cfg = L2WConfig(
-            epsilon=0.8, constraint=case["constraint"], hypergrad=case["hypergrad"], sync="global"
-        )
+        cfg = L2WConfig(epsilon=0.8, constraint=case["constraint"], hypergrad=case["hypergrad"], sync="global")
         # N ranks, DDP + GlobalBatchNorm
         model, wnet, opt, mopt = _fresh(case)
         backend = build_backend("ddp", model, opt, env=env, sync_batchnorm=True)
@@ -246,7 +244,7 @@ def test_batchnorm_global_with_sync_bn_equals_one_process_and_local_matches_refe
 
 
 def test_global_batchnorm_is_batchnorm_in_one_process():
-    from l2w_dist.dist.sync_bn import convert_sync_batchnorm
+    from l2w_dist.distributed.sync_bn import convert_sync_batchnorm
 
     torch.manual_seed(0)
     ref = TinyMSDNetLike()

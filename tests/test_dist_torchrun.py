@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from l2w_dist.dist.testing import free_port
+from l2w_dist.distributed.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "equality.py"

@@ -184,8 +184,9 @@ def test_budgeted_more_budget_more_flops_and_limits():
     n, c = 500, 10
     labels = torch.randint(0, c, (n,), generator=gen)
     # later exits are more accurate: logits favour the label more and more
-    logits = torch.stack([torch.randn(n, c, generator=gen) + 1.5 * k * nn.functional.one_hot(labels, c)
-                          for k in range(4)])
+    logits = torch.stack(
+        [torch.randn(n, c, generator=gen) + 1.5 * k * nn.functional.one_hot(labels, c) for k in range(4)]
+    )
     flops = [1.0, 2.0, 3.0, 4.0]
     curve = budgeted(logits, labels, logits, labels, flops)
     assert [r["p"] for r in curve] == list(DEFAULT_PS)
@@ -303,8 +304,7 @@ def test_plot_curves_writes_png(tmp_path):
         "anytime": anytime(logits, labels, flops),
         "budgeted": budgeted(logits, labels, logits, labels, flops),
     }
-    out = plot_curves({"L2W": rec, "baseline": rec}, tmp_path / "curve.png",
-                      reference="paper_msdnet_imagenet")
+    out = plot_curves({"L2W": rec, "baseline": rec}, tmp_path / "curve.png", reference="paper_msdnet_imagenet")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     with pytest.raises(ValueError, match="neither a built-in set"):
@@ -322,8 +322,11 @@ def _load_tool(name):
 def test_plot_curves_cli(tmp_path, capsys):
     tool = _load_tool("plot_curves")
     run = tmp_path / "run"
-    write_eval_json(run / "eval.json", [{"exit": 1, "flops": 1e6, "top1": 60.0, "top5": 80.0}],
-                    [{"p": 0.05, "flops": 1e6, "top1": 60.0}])
+    write_eval_json(
+        run / "eval.json",
+        [{"exit": 1, "flops": 1e6, "top1": 60.0, "top5": 80.0}],
+        [{"p": 0.05, "flops": 1e6, "top1": 60.0}],
+    )
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"paper": [[1e6, 61.0], [2e6, 65.0]]}))
     out = tmp_path / "both.png"
@@ -373,8 +376,12 @@ def test_collect_logits_gathers_across_ranks(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ok"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(port), str(out)], env=env,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", str(port), str(out)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for r in range(2)
+    ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
     assert out.read_text() == "ok"

@@ -73,7 +73,9 @@ def test_expand_array_sweeps_sets_and_grids():
     assert expand_array([]) == [[]]
     assert expand_array(["train.seed=0,1,2"]) == [["train.seed=0"], ["train.seed=1"], ["train.seed=2"]]
     assert expand_array(["optim.lr=0.4 meta.interval=10;optim.lr=0.8"]) == [
-        ["optim.lr=0.4", "meta.interval=10"], ["optim.lr=0.8"]]
+        ["optim.lr=0.4", "meta.interval=10"],
+        ["optim.lr=0.8"],
+    ]
     grid = expand_array(["train.seed=0,1", "meta.epsilon=0.3,0.8"])
     assert len(grid) == 4 and ["train.seed=1", "meta.epsilon=0.3"] in grid
     for bad in ("train.seed", "a=1 b=2", "x;y"):
@@ -82,16 +84,50 @@ def test_expand_array_sweeps_sets_and_grids():
 
 
 def test_sbatch_script_has_the_resources_and_the_requeue_signal(tmp_path):
-    """The DESIGN's command: 4 nodes x 8 GPUs, one task per GPU, USR2 before the limit, requeueable."""
-    args = build_parser(IMAGENET).parse_args([
-        "--cluster", "slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--account", "acc",
-        "--qos", "high", "--constraint", "a100", "--mem", "400G", "--time", "2-00:00:00", "--signal-delay", "300"])
-    executor = make_executor(args, IMAGENET, "slurm", tmp_path, partition="gpu", tasks_per_node=8,
-                             timeout_min=parse_time(args.time))
+    """The ImageNet recipe's launch: 4 nodes x 8 GPUs, one task per GPU, USR2 before the limit, requeueable."""
+    args = build_parser(IMAGENET).parse_args(
+        [
+            "--cluster",
+            "slurm",
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "gpu",
+            "--account",
+            "acc",
+            "--qos",
+            "high",
+            "--constraint",
+            "a100",
+            "--mem",
+            "400G",
+            "--time",
+            "2-00:00:00",
+            "--signal-delay",
+            "300",
+        ]
+    )
+    executor = make_executor(
+        args, IMAGENET, "slurm", tmp_path, partition="gpu", tasks_per_node=8, timeout_min=parse_time(args.time)
+    )
     script = executor._executor._make_submission_file_text("CMD", "uid")
-    for line in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=8", "--partition=gpu",
-                 "--account=acc", "--qos=high", "--constraint=a100", "--mem=400G", "--time=2880",
-                 "--signal=USR2@300", "--requeue", "--job-name=l2w-imagenet"):
+    for line in (
+        "--nodes=4",
+        "--gpus-per-node=8",
+        "--ntasks-per-node=8",
+        "--cpus-per-task=8",
+        "--partition=gpu",
+        "--account=acc",
+        "--qos=high",
+        "--constraint=a100",
+        "--mem=400G",
+        "--time=2880",
+        "--signal=USR2@300",
+        "--requeue",
+        "--job-name=l2w-imagenet",
+    ):
         assert f"#SBATCH {line}\n" in script, line
     assert "srun --unbuffered" in script
 
@@ -102,16 +138,20 @@ def test_cluster_must_be_explicit(capsys):
     assert "--cluster" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cluster, argv, message", [
-    ("local", ["--gpus-per-node", "2", "--tasks-per-node", "3"], "one task per GPU"),
-    ("local", ["--nodes", "2", "--gpus-per-node", "0"], "runs on this machine only"),
-    ("local", ["--time", "1", "--signal-delay", "120", "--gpus-per-node", "0"], "--signal-delay"),
-    ("local", ["--gpus-per-node", "0", "not-an-override"], "overrides are KEY=VALUE"),
-    ("debug", ["--tasks-per-node", "2"], "--cluster debug runs one task"),
-])
+@pytest.mark.parametrize(
+    "cluster, argv, message",
+    [
+        ("local", ["--gpus-per-node", "2", "--tasks-per-node", "3"], "one task per GPU"),
+        ("local", ["--nodes", "2", "--gpus-per-node", "0"], "runs on this machine only"),
+        ("local", ["--time", "1", "--signal-delay", "120", "--gpus-per-node", "0"], "--signal-delay"),
+        ("local", ["--gpus-per-node", "0", "not-an-override"], "overrides are KEY=VALUE"),
+        ("debug", ["--tasks-per-node", "2"], "--cluster debug runs one task"),
+    ],
+)
 def test_bad_options_fail_before_submission(tmp_path, tiny_config, cluster, argv, message):
-    args = build_parser(IMAGENET).parse_args(["--cluster", cluster, "--config", str(tiny_config),
-                                              "--output", str(tmp_path / "run"), *argv])
+    args = build_parser(IMAGENET).parse_args(
+        ["--cluster", cluster, "--config", str(tiny_config), "--output", str(tmp_path / "run"), *argv]
+    )
     with pytest.raises(LaunchError, match=message):
         launch(args, IMAGENET)
     assert not (tmp_path / "run").exists()
@@ -119,15 +159,54 @@ def test_bad_options_fail_before_submission(tmp_path, tiny_config, cluster, argv
 
 def test_config_error_names_the_key_and_submits_nothing(tmp_path, tiny_config):
     out = tmp_path / "run"
-    res = run_launcher(["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config),
-                        "--output", str(out), "optim.lr=-1", "--trainer", STAND_IN])
+    res = run_launcher(
+        [
+            "--cluster",
+            "debug",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "optim.lr=-1",
+            "--trainer",
+            STAND_IN,
+        ]
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "optim.lr" in res.stderr and "nothing was submitted" in res.stderr
-    res = run_launcher(["--cluster", "local", "--gpus-per-node", "0", "--config", str(tiny_config),
-                        "--output", str(out), "--array", "train.sedd=0,1", "--trainer", STAND_IN])
+    res = run_launcher(
+        [
+            "--cluster",
+            "local",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--array",
+            "train.sedd=0,1",
+            "--trainer",
+            STAND_IN,
+        ]
+    )
     assert res.returncode == 2 and "train.sedd" in res.stderr
-    res = run_launcher(["--cluster", "local", "--gpus-per-node", "0", "--config", str(tmp_path / "nope.yaml"),
-                        "--output", str(out), "--trainer", STAND_IN])
+    res = run_launcher(
+        [
+            "--cluster",
+            "local",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tmp_path / "nope.yaml"),
+            "--output",
+            str(out),
+            "--trainer",
+            STAND_IN,
+        ]
+    )
     assert res.returncode == 2 and "nope.yaml" in res.stderr
     assert not out.exists()
 
@@ -153,9 +232,22 @@ def test_stop_signals_only_set_a_flag():
 def test_debug_cluster_preempted_run_requeues_in_process_and_matches(tmp_path, tiny_config):
     """USR2 mid-training: checkpoint at an iteration boundary, re-run, same final parameters."""
     out = tmp_path / "run"
-    proc = start_launcher(["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config),
-                           "--output", str(out), "--trainer", STAND_IN, "train.max_steps=60"],
-                          log=tmp_path / "launcher.log")
+    proc = start_launcher(
+        [
+            "--cluster",
+            "debug",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--trainer",
+            STAND_IN,
+            "train.max_steps=60",
+        ],
+        log=tmp_path / "launcher.log",
+    )
     wait_until(lambda: trace_steps(out) >= 10, 60, "10 training steps", proc=proc, log=tmp_path / "launcher.log")
     os.kill(proc.pid, signal.SIGUSR2)
     assert proc.wait(timeout=60) == 0, (tmp_path / "launcher.log").read_text()
@@ -170,9 +262,24 @@ def test_debug_cluster_preempted_run_requeues_in_process_and_matches(tmp_path, t
 
 def test_max_requeues_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, tiny_config):
     out = tmp_path / "run"
-    proc = start_launcher(["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config),
-                           "--output", str(out), "--trainer", STAND_IN, "--max-requeues", "0",
-                           "train.max_steps=400"], log=tmp_path / "launcher.log")
+    proc = start_launcher(
+        [
+            "--cluster",
+            "debug",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--trainer",
+            STAND_IN,
+            "--max-requeues",
+            "0",
+            "train.max_steps=400",
+        ],
+        log=tmp_path / "launcher.log",
+    )
     wait_until(lambda: trace_steps(out) >= 5, 60, "5 training steps", proc=proc, log=tmp_path / "launcher.log")
     os.kill(proc.pid, signal.SIGUSR2)
     proc.wait(timeout=60)
@@ -184,9 +291,22 @@ def test_max_requeues_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path
     step = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert step == log["events"][-1]["step"] >= 5
     # Launching again continues the run, with a fresh requeue budget.
-    res = run_launcher(["--cluster", "debug", "--config", str(tiny_config), "--output", str(out),
-                        "--trainer", STAND_IN, "--max-requeues", "0", "train.max_steps=60"],
-                       env=launcher_env(step_s=0.0))
+    res = run_launcher(
+        [
+            "--cluster",
+            "debug",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--trainer",
+            STAND_IN,
+            "--max-requeues",
+            "0",
+            "train.max_steps=60",
+        ],
+        env=launcher_env(step_s=0.0),
+    )
     assert res.returncode == 0 and "finished at step 60" in res.stdout, res.stdout + res.stderr
     assert trace_steps(out) == 60
 
@@ -195,11 +315,32 @@ def test_local_cluster_two_ranks_requeue_resumes_exactly(tmp_path, tiny_config):
     """2 gloo ranks as local processes; USR2 to every rank (as Slurm sends it); the job
     requeues itself (submitit's local controller restarts it) and resumes from the checkpoint."""
     out = tmp_path / "run"
-    proc = start_launcher(["--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2",
-                           "--config", str(tiny_config), "--output", str(out), "--trainer", STAND_IN,
-                           "train.max_steps=40"], env=launcher_env(step_s=0.02), log=tmp_path / "launcher.log")
-    wait_until(lambda: trace_steps(out, 0) >= 10 and trace_steps(out, 1) >= 10, 90, "10 steps on both ranks",
-               proc=proc, log=tmp_path / "launcher.log")
+    proc = start_launcher(
+        [
+            "--cluster",
+            "local",
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--trainer",
+            STAND_IN,
+            "train.max_steps=40",
+        ],
+        env=launcher_env(step_s=0.02),
+        log=tmp_path / "launcher.log",
+    )
+    wait_until(
+        lambda: trace_steps(out, 0) >= 10 and trace_steps(out, 1) >= 10,
+        90,
+        "10 steps on both ranks",
+        proc=proc,
+        log=tmp_path / "launcher.log",
+    )
     controllers = children(proc.pid)
     tasks = [pid for c in controllers for pid in children(c)]
     assert len(tasks) == 2, (controllers, tasks)
@@ -218,9 +359,24 @@ def test_local_cluster_two_ranks_requeue_resumes_exactly(tmp_path, tiny_config):
 def test_array_gives_each_task_its_run_folder(tmp_path, tiny_config):
     out = tmp_path / "sweep"
     start = time.monotonic()
-    res = run_launcher(["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config),
-                        "--output", str(out), "--trainer", STAND_IN, "--seeds", "0,1", "train.max_steps=3"],
-                       env=launcher_env(step_s=0.0))
+    res = run_launcher(
+        [
+            "--cluster",
+            "debug",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--trainer",
+            STAND_IN,
+            "--seeds",
+            "0,1",
+            "train.max_steps=3",
+        ],
+        env=launcher_env(step_s=0.0),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     dirs = sorted(p.name for p in out.iterdir() if p.name[0].isdigit())
     assert dirs == ["0_train.seed=0", "1_train.seed=1"]
@@ -242,9 +398,23 @@ def test_demo_runs_without_slurm(tmp_path, demo_data, cluster, tasks):
     """The same job as on Slurm: --cluster debug (one rank, in process), --cluster local (2 gloo ranks)."""
     out = tmp_path / "run"
     wandb = ["wandb.mode=offline", "wandb.project=l2wtest"] if cluster == "debug" else []
-    res = run_launcher(["--cluster", cluster, "--gpus-per-node", "0", "--tasks-per-node", str(tasks),
-                        "--config", str(REPO / "configs" / "demo.yaml"), "--output", str(out),
-                        *demo_overrides(demo_data, 4), *wandb], timeout=300)
+    res = run_launcher(
+        [
+            "--cluster",
+            cluster,
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            str(tasks),
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--output",
+            str(out),
+            *demo_overrides(demo_data, 4),
+            *wandb,
+        ],
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "finished at step 4; top-1 per exit:" in res.stdout
     if wandb:  # the link printed at submission names the run the trainer logs to
@@ -260,8 +430,18 @@ def test_demo_runs_without_slurm(tmp_path, demo_data, cluster, tasks):
 def test_relaunch_into_the_same_folder_resumes(tmp_path, tiny_config):
     """A second launch with the same --output continues the run (it is not a requeue)."""
     out = tmp_path / "run"
-    common = ["--cluster", "debug", "--gpus-per-node", "0", "--config", str(tiny_config), "--output", str(out),
-              "--trainer", STAND_IN]
+    common = [
+        "--cluster",
+        "debug",
+        "--gpus-per-node",
+        "0",
+        "--config",
+        str(tiny_config),
+        "--output",
+        str(out),
+        "--trainer",
+        STAND_IN,
+    ]
     env = launcher_env(step_s=0.0)
     assert run_launcher([*common, "train.max_steps=10"], env=env).returncode == 0
     res = run_launcher([*common, "train.max_steps=20"], env=env)
@@ -276,30 +456,81 @@ def test_relaunch_into_the_same_folder_resumes(tmp_path, tiny_config):
 def test_overrides_may_be_mixed_with_options(tmp_path, tiny_config, capsys):
     from l2w_dist.launch import main
 
-    code = main(["--cluster", "debug", "optim.lr=abc", "--gpus-per-node", "0", "--config", str(tiny_config),
-                 "meta.interval=3", "--output", str(tmp_path / "run")], preset=IMAGENET)
+    code = main(
+        [
+            "--cluster",
+            "debug",
+            "optim.lr=abc",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tiny_config),
+            "meta.interval=3",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        preset=IMAGENET,
+    )
     err = capsys.readouterr().err
     assert code == 2 and "optim.lr=abc meta.interval=3" in err and "must be a number" in err
 
 
 def test_wandb_link_is_printed_and_its_run_id_reaches_the_job(tmp_path, tiny_config):
     out = tmp_path / "run"
-    res = run_launcher(["--cluster", "debug", "--config", str(tiny_config), "--output", str(out),
-                        "--trainer", STAND_IN, "train.max_steps=2", "wandb.mode=offline", "wandb.project=proj",
-                        "wandb.entity=team"], env=launcher_env(step_s=0.0))
+    res = run_launcher(
+        [
+            "--cluster",
+            "debug",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--trainer",
+            STAND_IN,
+            "train.max_steps=2",
+            "wandb.mode=offline",
+            "wandb.project=proj",
+            "wandb.entity=team",
+        ],
+        env=launcher_env(step_s=0.0),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     link = re.search(r"W&B:\s+https://wandb.ai/team/proj/runs/(\w+) \(offline", res.stdout)
     assert link, res.stdout
     assert json.loads((out / "env_rank0.json").read_text())["WANDB_RUN_ID"] == link.group(1)
-    res = run_launcher(["--cluster", "debug", "--config", str(tiny_config), "--output", str(tmp_path / "off"),
-                        "--trainer", STAND_IN, "train.max_steps=2"], env=launcher_env(step_s=0.0))
+    res = run_launcher(
+        [
+            "--cluster",
+            "debug",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(tmp_path / "off"),
+            "--trainer",
+            STAND_IN,
+            "train.max_steps=2",
+        ],
+        env=launcher_env(step_s=0.0),
+    )
     assert "W&B" not in res.stdout
 
 
 def test_a_failing_job_is_reported_with_its_error(tmp_path, tiny_config):
     out = tmp_path / "run"
-    res = run_launcher(["--cluster", "local", "--gpus-per-node", "0", "--config", str(tiny_config),
-                        "--output", str(out), "--trainer", "launch_stand_in:failing_training"])
+    res = run_launcher(
+        [
+            "--cluster",
+            "local",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--trainer",
+            "launch_stand_in:failing_training",
+        ]
+    )
     assert res.returncode == 1
     assert "failed on purpose" in res.stderr and "failed; logs in" in res.stderr
     assert requeue_log(out)["events"][-1]["event"] == "failed"

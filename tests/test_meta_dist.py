@@ -70,8 +70,9 @@ def _cfg(conf: dict, sync: str) -> L2WConfig:
 
 def _two_half_steps(model, wnet, opt, mopt, x, y, cfg, collectives=None):
     for tr, me in ((0, 1), (1, 0)):
-        l2w_half_step(model, wnet, opt, mopt, train=(x[tr], y[tr]), meta=(x[me], y[me]), cfg=cfg,
-                      collectives=collectives)
+        l2w_half_step(
+            model, wnet, opt, mopt, train=(x[tr], y[tr]), meta=(x[me], y[me]), cfg=cfg, collectives=collectives
+        )
 
 
 def _state(model, wnet):

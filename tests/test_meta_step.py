@@ -241,8 +241,9 @@ def test_conf_inputs_jvp_equals_autograd(f64, wpn_input):
 def test_do_meta_false_is_a_weighted_plain_step(f64):
     model, wnet, opt, mopt, x, y = _setup("nobn", "sgd")
     phi = [p.detach().clone() for p in wnet.parameters()]
-    stats = l2w_half_step(model, wnet, opt, mopt, train=(x[:8], y[:8]), meta=(x[8:], y[8:]),
-                          cfg=L2WConfig(), do_meta=False)
+    stats = l2w_half_step(
+        model, wnet, opt, mopt, train=(x[:8], y[:8]), meta=(x[8:], y[8:]), cfg=L2WConfig(), do_meta=False
+    )
     assert all(torch.equal(a, b) for a, b in zip(phi, wnet.parameters()))
     assert stats["meta_loss"] != stats["meta_loss"]  # NaN: no meta step
 
@@ -282,8 +283,9 @@ def test_op_without_forward_ad_points_to_autograd(f64):
         l2w_half_step(model, wnet, opt, mopt, train=(x[:4], y[:4]), meta=(x[4:], y[4:]), cfg=L2WConfig())
     assert "_NoForwardAD" in str(info.value)
     # and the autograd engine handles it
-    l2w_half_step(model, wnet, opt, mopt, train=(x[:4], y[:4]), meta=(x[4:], y[4:]),
-                  cfg=L2WConfig(hypergrad="autograd"))
+    l2w_half_step(
+        model, wnet, opt, mopt, train=(x[:4], y[:4]), meta=(x[4:], y[4:]), cfg=L2WConfig(hypergrad="autograd")
+    )
 
 
 def test_unsupported_optimizer_is_refused():
@@ -395,8 +397,15 @@ def test_multi_tensor_adamw_step_equals_per_parameter_formula(f64, with_state):
         moments = {}
         if with_state:
             moments = {"exp_avg": torch.randn(s, generator=gen), "exp_avg_sq": torch.rand(s, generator=gen)}
-        states[n] = ParamOptState(kind="adamw", lr=1e-3 * (1 + i % 2), weight_decay=0.05 * (i % 2),
-                                  betas=(0.9, 0.999), eps=1e-8, step=3 * with_state, **moments)  # fmt: skip
+        states[n] = ParamOptState(
+            kind="adamw",
+            lr=1e-3 * (1 + i % 2),
+            weight_decay=0.05 * (i % 2),
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            step=3 * with_state,
+            **moments,
+        )
     with torch.no_grad():  # adamw_foreach: on CPU the default is the per-parameter loop
         fast = virtual_step(params, grads, states, adamw_foreach=True)
     with torch.enable_grad():  # grad mode selects the per-parameter (differentiable) formula

@@ -10,7 +10,10 @@ from tools.model_info import main, parse_overrides
 
 def test_parse_overrides():
     assert parse_overrides(["step=6", "growth_factor=[1,2,4,4]", "step_mode=even", "bottleneck=false"]) == {
-        "step": 6, "growth_factor": [1, 2, 4, 4], "step_mode": "even", "bottleneck": False,
+        "step": 6,
+        "growth_factor": [1, 2, 4, 4],
+        "step_mode": "even",
+        "bottleneck": False,
     }
     with pytest.raises(SystemExit):
         parse_overrides(["step"])

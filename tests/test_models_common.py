@@ -15,9 +15,7 @@ from l2w_dist.models import create_model, list_models
 
 # Options that shrink models whose defaults are too large for a quick CPU test.
 SMALL_OPTIONS: dict[str, dict] = {
-    "vit_exits": dict(
-        backbone="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3
-    ),
+    "vit_exits": dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3),
     "cnn_exits": dict(backbone="resnet18", img_size=64),
 }
 BATCH = 2

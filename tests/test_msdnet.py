@@ -14,7 +14,7 @@ from l2w_dist.models.msdnet import MSDNet, load_official_state_dict
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "msdnet_official_keys.json").read_text())
 
-# DESIGN §2: per-exit cumulative MFLOPs of the official op_counter.
+# Per-exit cumulative MFLOPs of the official op_counter (the published figures).
 REFERENCE_MFLOPS = {
     ("msdnet_imagenet", 4): [339.9, 685.5, 1008.2, 1254.5, 1360.5],
     ("msdnet_imagenet", 6): [339.9, 924.2, 1517.4, 1991.6, 2194.4],
@@ -26,9 +26,16 @@ REFERENCE_MFLOPS = {
 def _from_fixture_config(cfg: dict) -> MSDNet:
     """The model for one fixture configuration, written with the official argument names."""
     return MSDNet(
-        num_blocks=cfg["nBlocks"], step_mode=cfg["stepmode"], step=cfg["step"], base=cfg["base"],
-        channels=cfg["nChannels"], growth_rate=cfg["growthRate"], growth_factor=cfg["grFactor"],
-        bottleneck_factor=cfg["bnFactor"], data=cfg["data"], num_classes=cfg["num_classes"],
+        num_blocks=cfg["nBlocks"],
+        step_mode=cfg["stepmode"],
+        step=cfg["step"],
+        base=cfg["base"],
+        channels=cfg["nChannels"],
+        growth_rate=cfg["growthRate"],
+        growth_factor=cfg["grFactor"],
+        bottleneck_factor=cfg["bnFactor"],
+        data=cfg["data"],
+        num_classes=cfg["num_classes"],
     )
 
 
@@ -117,18 +124,21 @@ def _random_release(config: str, prefix: str = "module.") -> dict:
     return {"state_dict": sd, "epoch": 90}
 
 
-@pytest.mark.parametrize("name,step,config", [
-    ("msdnet_cifar", None, "cifar100"),
-    ("msdnet_imagenet", 4, "imagenet_step4"),
-    ("msdnet_imagenet", 7, "imagenet_step7"),
-])
+@pytest.mark.parametrize(
+    "name,step,config",
+    [
+        ("msdnet_cifar", None, "cifar100"),
+        ("msdnet_imagenet", 4, "imagenet_step4"),
+        ("msdnet_imagenet", 7, "imagenet_step7"),
+    ],
+)
 def test_load_official_checkpoint(name, step, config):
     ckpt = _random_release(config)
     model = _preset(name, step)
     load_official_state_dict(model, ckpt)
     ours = model.state_dict()
     for key, value in ckpt["state_dict"].items():
-        assert torch.equal(ours[key[len("module."):]], value), key
+        assert torch.equal(ours[key[len("module.") :]], value), key
 
 
 def test_loaded_model_computes_the_same_function():
@@ -142,8 +152,11 @@ def test_loaded_model_computes_the_same_function():
 
 
 def test_load_without_prefix_and_without_num_batches_tracked():
-    sd = {k[len("module."):]: v for k, v in _random_release("cifar100")["state_dict"].items()
-          if not k.endswith("num_batches_tracked")}
+    sd = {
+        k[len("module.") :]: v
+        for k, v in _random_release("cifar100")["state_dict"].items()
+        if not k.endswith("num_batches_tracked")
+    }
     model = create_model("msdnet_cifar")
     load_official_state_dict(model, sd)
     assert torch.equal(model.state_dict()["classifier.4.linear.bias"], sd["classifier.4.linear.bias"])
@@ -171,25 +184,31 @@ def test_load_errors_name_the_bad_keys():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("options,match", [
-    (dict(step=5), r"step=5 .*allowed values: \[4, 6, 7\]"),
-    (dict(step_mode="foo"), r"step_mode='foo' .*allowed values: \['even', 'lin_grow'\]"),
-    (dict(prune="none"), r"prune='none' .*allowed values: \['min', 'max'\]"),
-    (dict(growth_factor=(1, 2)), r"one growth_factor and one bottleneck_factor per scale"),
-    (dict(num_blocks=0), r"num_blocks=0 must be a positive integer"),
-    (dict(nBlocks=5), r"unknown option\(s\) \['nBlocks'\].*allowed options: step, num_classes, num_blocks"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(step=5), r"step=5 .*allowed values: \[4, 6, 7\]"),
+        (dict(step_mode="foo"), r"step_mode='foo' .*allowed values: \['even', 'lin_grow'\]"),
+        (dict(prune="none"), r"prune='none' .*allowed values: \['min', 'max'\]"),
+        (dict(growth_factor=(1, 2)), r"one growth_factor and one bottleneck_factor per scale"),
+        (dict(num_blocks=0), r"num_blocks=0 must be a positive integer"),
+        (dict(nBlocks=5), r"unknown option\(s\) \['nBlocks'\].*allowed options: step, num_classes, num_blocks"),
+    ],
+)
 def test_bad_options_name_allowed_values(options, match):
     with pytest.raises(ValueError, match=match):
         create_model("msdnet_imagenet", **options)
 
 
-@pytest.mark.parametrize("options", [
-    dict(prune="min"),
-    dict(bottleneck=False),
-    dict(reduction=0.0, num_blocks=3),
-    dict(num_blocks=7, step_mode="even", step=2, base=4),  # the README's anytime CIFAR network
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(prune="min"),
+        dict(bottleneck=False),
+        dict(reduction=0.0, num_blocks=3),
+        dict(num_blocks=7, step_mode="even", step=2, base=4),  # the README's anytime CIFAR network
+    ],
+)
 def test_other_knobs_build_and_run(options):
     model = create_model("msdnet_cifar", num_classes=10, **options).eval()
     with torch.no_grad():
@@ -227,12 +246,15 @@ def test_functional_call_and_jvp_in_train_mode():
     torch.testing.assert_close(forward, reverse, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("path,name,step", [
-    ("configs/cifar100/msdnet.yaml", "msdnet_cifar", None),
-    ("configs/imagenet/msdnet_step4.yaml", "msdnet_imagenet", 4),
-    ("configs/imagenet/msdnet_step6.yaml", "msdnet_imagenet", 6),
-    ("configs/imagenet/msdnet_step7.yaml", "msdnet_imagenet", 7),
-])
+@pytest.mark.parametrize(
+    "path,name,step",
+    [
+        ("configs/cifar100/msdnet.yaml", "msdnet_cifar", None),
+        ("configs/imagenet/msdnet_step4.yaml", "msdnet_imagenet", 4),
+        ("configs/imagenet/msdnet_step6.yaml", "msdnet_imagenet", 6),
+        ("configs/imagenet/msdnet_step7.yaml", "msdnet_imagenet", 7),
+    ],
+)
 def test_config_model_sections(path, name, step):
     import yaml
 

@@ -50,10 +50,14 @@ def _controller_up() -> bool:
 def slurm():
     if shutil.which("sbatch") is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI=true but sbatch is not installed: .ci/run must install slurmctld slurmd slurm-client "
-                        "(apt-get install -y --no-install-recommends slurmctld slurmd slurm-client)")
-        pytest.skip("Slurm is not installed here (apt-get install -y --no-install-recommends "
-                    "slurmctld slurmd slurm-client); CI runs these tests")
+            pytest.fail(
+                "CI=true but sbatch is not installed: .ci/run must install slurmctld slurmd slurm-client "
+                "(apt-get install -y --no-install-recommends slurmctld slurmd slurm-client)"
+            )
+        pytest.skip(
+            "Slurm is not installed here (apt-get install -y --no-install-recommends "
+            "slurmctld slurmd slurm-client); CI runs these tests"
+        )
     started = False
     if not _controller_up():
         res = subprocess.run([str(HARNESS), "start"], capture_output=True, text=True, timeout=120)
@@ -110,9 +114,26 @@ def _queued(name: str) -> str:
 
 def test_missing_partition_fails_before_submission(slurm, tmp_path, tiny_config):
     out = tmp_path / "run"
-    res = run_launcher(["--cluster", "slurm", "--partition", "nosuch", "--gpus-per-node", "0",
-                        "--cpus-per-task", "1", "--config", str(tiny_config), "--output", str(out),
-                        "--name", "l2w-test-nopart", "--trainer", STAND_IN])
+    res = run_launcher(
+        [
+            "--cluster",
+            "slurm",
+            "--partition",
+            "nosuch",
+            "--gpus-per-node",
+            "0",
+            "--cpus-per-task",
+            "1",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--name",
+            "l2w-test-nopart",
+            "--trainer",
+            STAND_IN,
+        ]
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "'nosuch' does not exist" in res.stderr and "debug" in res.stderr
     assert "nothing was submitted" in res.stderr
@@ -121,9 +142,25 @@ def test_missing_partition_fails_before_submission(slurm, tmp_path, tiny_config)
 
 def test_config_error_fails_before_submission(slurm, tmp_path, tiny_config):
     out = tmp_path / "run"
-    res = run_launcher(["--cluster", "slurm", "--gpus-per-node", "0", "--cpus-per-task", "1",
-                        "--config", str(tiny_config), "--output", str(out), "--name", "l2w-test-badcfg",
-                        "--trainer", STAND_IN, "meta.constraint=diagonal"])
+    res = run_launcher(
+        [
+            "--cluster",
+            "slurm",
+            "--gpus-per-node",
+            "0",
+            "--cpus-per-task",
+            "1",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--name",
+            "l2w-test-badcfg",
+            "--trainer",
+            STAND_IN,
+            "meta.constraint=diagonal",
+        ]
+    )
     assert res.returncode == 2
     assert "meta.constraint" in res.stderr and "'mat'" in res.stderr
     assert not out.exists() and _queued("l2w-test-badcfg") == ""
@@ -148,8 +185,21 @@ def test_unreachable_controller_fails_fast(slurm, tmp_path, tiny_config):
     env = launcher_env()
     env["SLURM_CONF"] = str(_conf_with_port(tmp_path, _free_port()))
     start = time.monotonic()
-    res = run_launcher(["--cluster", "slurm", "--gpus-per-node", "0", "--config", str(tiny_config),
-                        "--output", str(tmp_path / "run"), "--trainer", STAND_IN], env=env)
+    res = run_launcher(
+        [
+            "--cluster",
+            "slurm",
+            "--gpus-per-node",
+            "0",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(tmp_path / "run"),
+            "--trainer",
+            STAND_IN,
+        ],
+        env=env,
+    )
     assert res.returncode == 2
     assert "Slurm controller unreachable" in res.stderr and "DOWN" in res.stderr
     assert time.monotonic() - start < 15
@@ -175,9 +225,23 @@ def test_silent_controller_times_out(slurm, tmp_path, tiny_config):
     env["SLURM_CONF"] = str(_conf_with_port(tmp_path, server.getsockname()[1]))
     try:
         start = time.monotonic()
-        res = run_launcher(["--cluster", "slurm", "--gpus-per-node", "0", "--config", str(tiny_config),
-                            "--output", str(tmp_path / "run"), "--check-timeout", "2", "--trainer", STAND_IN],
-                           env=env)
+        res = run_launcher(
+            [
+                "--cluster",
+                "slurm",
+                "--gpus-per-node",
+                "0",
+                "--config",
+                str(tiny_config),
+                "--output",
+                str(tmp_path / "run"),
+                "--check-timeout",
+                "2",
+                "--trainer",
+                STAND_IN,
+            ],
+            env=env,
+        )
         elapsed = time.monotonic() - start
     finally:
         server.close()
@@ -201,10 +265,28 @@ def test_interrupted_job_requeues_and_resumes_exactly(slurm, tmp_path, tiny_conf
     checkpoint and ends with the uninterrupted run's parameters."""
     out = tmp_path / "run"
     steps = 60
-    job_id, _ = _submit(["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
-                         "--config", str(tiny_config), "--output", str(out), "--time", "10",
-                         "--signal-delay", "60", "--trainer", STAND_IN, f"train.max_steps={steps}"],
-                        env=launcher_env(step_s=0.05))
+    job_id, _ = _submit(
+        [
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--time",
+            "10",
+            "--signal-delay",
+            "60",
+            "--trainer",
+            STAND_IN,
+            f"train.max_steps={steps}",
+        ],
+        env=launcher_env(step_s=0.05),
+    )
     wait_until(lambda: trace_steps(out, 0) >= 10, 90, "10 steps on rank 0")
     if interrupt == "usr2":
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=10)
@@ -235,9 +317,24 @@ def test_a_finished_run_is_not_killed_by_a_late_warning(slurm, tmp_path, tiny_co
     """USR2 (the time-limit warning) keeps arriving while the finished job writes its result
     and exits: the job must still end COMPLETED, with its result, and not be requeued."""
     out = tmp_path / "run"
-    job_id, _ = _submit(["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
-                         "--config", str(tiny_config), "--output", str(out), "--trainer", STAND_IN,
-                         "train.max_steps=5"], env=launcher_env(step_s=0.0))
+    job_id, _ = _submit(
+        [
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--trainer",
+            STAND_IN,
+            "train.max_steps=5",
+        ],
+        env=launcher_env(step_s=0.0),
+    )
     wait_until(lambda: (out / "done_rank0").exists() and (out / "done_rank1").exists(), 90, "the run to finish")
     deadline = time.monotonic() + 60
     while _job_state(job_id) in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
@@ -255,10 +352,28 @@ def test_time_limit_warning_requeues_until_done(slurm, tmp_path, tiny_config):
     run completes with every step done exactly once and the uninterrupted parameters."""
     out = tmp_path / "run"
     steps = 300
-    job_id, _ = _submit(["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
-                         "--config", str(tiny_config), "--output", str(out), "--time", "1",
-                         "--signal-delay", "45", "--trainer", STAND_IN, f"train.max_steps={steps}"],
-                        env=launcher_env(step_s=0.1))
+    job_id, _ = _submit(
+        [
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--config",
+            str(tiny_config),
+            "--output",
+            str(out),
+            "--time",
+            "1",
+            "--signal-delay",
+            "45",
+            "--trainer",
+            STAND_IN,
+            f"train.max_steps={steps}",
+        ],
+        env=launcher_env(step_s=0.1),
+    )
     assert _wait_job(job_id, 400) == "COMPLETED", _logs(out)
     log = requeue_log(out)
     assert log["requeues"] >= 1, log
@@ -286,8 +401,9 @@ def demo_data(tmp_path_factory):
 def uninterrupted_demo(slurm, demo_data, tmp_path_factory) -> Path:
     """launch/imagenet.py --cluster slurm --config configs/demo.yaml, 1 node x 2 gloo tasks."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    job_id, res = _submit([*TWO_GLOO_RANKS, "--config", DEMO, "--output", str(out),
-                           *demo_overrides(demo_data, DEMO_STEPS)])
+    job_id, res = _submit(
+        [*TWO_GLOO_RANKS, "--config", DEMO, "--output", str(out), *demo_overrides(demo_data, DEMO_STEPS)]
+    )
     assert f"{out}/submitit/{job_id}_0_log.out" in res.stdout  # the log paths are printed
     assert _wait_job(job_id, 240) == "COMPLETED", _logs(out)
     return out
@@ -308,11 +424,11 @@ def test_demo_trains_and_evaluates_on_two_gloo_ranks(uninterrupted_demo):
     assert "rank 1/2" in rank1
 
 
-def test_demo_requeued_mid_training_resumes_to_the_same_parameters(slurm, demo_data, uninterrupted_demo,
-                                                                   tmp_path):
+def test_demo_requeued_mid_training_resumes_to_the_same_parameters(slurm, demo_data, uninterrupted_demo, tmp_path):
     out = tmp_path / "run"
-    job_id, _ = _submit([*TWO_GLOO_RANKS, "--config", DEMO, "--output", str(out),
-                         *demo_overrides(demo_data, DEMO_STEPS)])
+    job_id, _ = _submit(
+        [*TWO_GLOO_RANKS, "--config", DEMO, "--output", str(out), *demo_overrides(demo_data, DEMO_STEPS)]
+    )
     wait_until(lambda: metric_steps(out) >= 4, 120, "4 logged training steps")
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=10)
     assert _wait_job(job_id, 240) == "COMPLETED", _logs(out)

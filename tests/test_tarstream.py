@@ -86,8 +86,7 @@ def test_stage_matches_webdataset(tmp_path):
 
     def run(stage):
         return [
-            {k: v for k, v in sample.items() if k != "__local_path__"}
-            for sample in stage([{"url": p} for p in paths])
+            {k: v for k, v in sample.items() if k != "__local_path__"} for sample in stage([{"url": p} for p in paths])
         ]
 
     ours = run(tar_samples(handler=wds.reraise_exception))

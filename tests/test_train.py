@@ -142,9 +142,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_spec, monk
 def test_cli_rejects_bad_config_before_running(tmp_path):
     out = tmp_path / "never"
     proc = subprocess.run(
-        [sys.executable, "-m", "l2w_dist.train", "--config", str(ROOT / "configs/demo.yaml"), "--output", str(out),
-         "optim.lrr=0.1"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "l2w_dist.train",
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            "--output",
+            str(out),
+            "optim.lrr=0.1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "unknown key(s) ['optim.lrr']" in proc.stderr and "allowed:" in proc.stderr
@@ -153,8 +165,13 @@ def test_cli_rejects_bad_config_before_running(tmp_path):
 
 def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
     run_dir = tmp_path / "run"
-    result = run_training(None, run_dir, overrides(tiny_spec, **{"train.batch_size": 32, "wandb.mode": "offline",
-                                                                  "eval.every_epochs": 1, "train.epochs": 1}))
+    result = run_training(
+        None,
+        run_dir,
+        overrides(
+            tiny_spec, **{"train.batch_size": 32, "wandb.mode": "offline", "eval.every_epochs": 1, "train.epochs": 1}
+        ),
+    )
     assert result["status"] == "finished"
     saved = json.loads((run_dir / "eval.json").read_text())
     assert set(saved) == {"anytime", "budgeted"}
@@ -173,9 +190,21 @@ def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     records = wandb_record_bytes(next(runs[0].glob("run-*.wandb")))
-    for key in ("loss", "meta_loss", "lr", "img_per_s", "w_mean/0", "w_std/2", "alloc/1", "weights/hist_exit1",
-                "holdout/top1_exit3", "eval/top1_exit1", "eval/top5_exit3", "eval/budgeted_curve",
-                "eval/budgeted_best_top1"):
+    for key in (
+        "loss",
+        "meta_loss",
+        "lr",
+        "img_per_s",
+        "w_mean/0",
+        "w_std/2",
+        "alloc/1",
+        "weights/hist_exit1",
+        "holdout/top1_exit3",
+        "eval/top1_exit1",
+        "eval/top5_exit3",
+        "eval/budgeted_curve",
+        "eval/budgeted_best_top1",
+    ):
         assert key.encode() in records, f"{key} missing from the W&B offline run"
     assert final_state(run_dir)["wandb_id"] == runs[0].name.rsplit("-", 1)[-1]
 
@@ -191,10 +220,25 @@ def test_trainer_options_bf16_channels_last_ema_clip_warmup_periodic(tmp_path, t
     """The optional trainer features together: bf16 autocast, channels_last, EMA, clipping,
     label smoothing, warm-up, lr scaling with the batch, periodic checkpoints."""
     run_dir = tmp_path / "run"
-    result = run_training(None, run_dir, overrides(tiny_spec, **{
-        "train.max_steps": 4, "eval.enabled": False, "train.precision": "bf16", "train.channels_last": True,
-        "train.ema_decay": 0.5, "optim.grad_clip": 1.0, "optim.label_smoothing": 0.1, "optim.warmup_steps": 3,
-        "optim.lr_reference_batch": 32, "train.ckpt_every": 2}))
+    result = run_training(
+        None,
+        run_dir,
+        overrides(
+            tiny_spec,
+            **{
+                "train.max_steps": 4,
+                "eval.enabled": False,
+                "train.precision": "bf16",
+                "train.channels_last": True,
+                "train.ema_decay": 0.5,
+                "optim.grad_clip": 1.0,
+                "optim.label_smoothing": 0.1,
+                "optim.warmup_steps": 3,
+                "optim.lr_reference_batch": 32,
+                "train.ckpt_every": 2,
+            },
+        ),
+    )
     assert result["status"] == "finished"
     state = final_state(run_dir)
     assert (run_dir / "checkpoints" / "step_2.pt").is_file() and (run_dir / "checkpoints" / "step_4.pt").is_file()
@@ -217,9 +261,14 @@ def test_normalize_on_device_trains_like_loader_normalization(tmp_path, tiny_spe
     runs = {}
     for where in ("loader", "device"):
         run_dir = tmp_path / where
-        result = run_training(None, run_dir, overrides(tiny_spec, **{
-            "data.normalize_on": where, "train.max_steps": 2, "train.ema_decay": 0.5,
-            "meta.enabled": False}))  # fmt: skip
+        result = run_training(
+            None,
+            run_dir,
+            overrides(
+                tiny_spec,
+                **{"data.normalize_on": where, "train.max_steps": 2, "train.ema_decay": 0.5, "meta.enabled": False},
+            ),
+        )
         assert result["status"] == "finished"
         runs[where] = (final_state(run_dir), json.loads((run_dir / "eval.json").read_text()))
     (dev, dev_eval), (ref, ref_eval) = runs["device"], runs["loader"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from test_train import make_tiny_spec, overrides
 
-from l2w_dist.dist.testing import free_port
+from l2w_dist.distributed.testing import free_port
 from l2w_dist.engine.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun(run_dir: Path, args: list[str], nproc: int = 2) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "l2w_dist.train",
-           "--config", str(ROOT / "configs/demo.yaml"), "--output", str(run_dir), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "l2w_dist.train",
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        "--output",
+        str(run_dir),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout

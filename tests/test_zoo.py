@@ -22,13 +22,18 @@ from l2w_dist.models.vit_exits import ViTExits, default_exit_blocks
 RANET_REFERENCE = {
     "ranet_cifar": [15826020, 31306440, 44690220, 50404752, 60712628, 63717656, 90255228, 94997472],
     "ranet_imagenet": [
-        168066600, 520465424, 731890809, 903794197, 1052251864, 1118803728, 1589013903, 1680979979,
+        168066600,
+        520465424,
+        731890809,
+        903794197,
+        1052251864,
+        1118803728,
+        1589013903,
+        1680979979,
     ],
 }
 
-TINY_VIT = dict(
-    backbone="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3
-)
+TINY_VIT = dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3)
 
 
 def _flops(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -88,9 +93,7 @@ def test_ranet_jvp_in_train_mode():
 
 
 def test_ranet_options():
-    lg = create_model(
-        "ranet_cifar", step=2, step_mode="lg", scale_list="1-2-3", gr_factor="4-2-1", bn_factor="4-2-1"
-    )
+    lg = create_model("ranet_cifar", step=2, step_mode="lg", scale_list="1-2-3", gr_factor="4-2-1", bn_factor="4-2-1")
     assert lg.num_exits == 6
     assert len(lg(torch.randn(2, 3, 32, 32))) == 6
     with pytest.raises(ValueError, match="even"):
@@ -103,15 +106,37 @@ def test_ranet_options():
 
 def test_official_counter_rule_counts_relu_and_pool():
     """The op_counter rule = multiply-adds + ReLU/pool/bias element ops, checked on a tiny net."""
-    net = RANet(num_classes=10, input_size=(3, 8, 8), imagenet_stem=False, n_blocks=1, block_step=1, step=1,
-                scale_list=(1,), gr_factor=(1,), bn_factor=(1,), n_channels=4, growth_rate=2, head_channels=4)
+    net = RANet(
+        num_classes=10,
+        input_size=(3, 8, 8),
+        imagenet_stem=False,
+        n_blocks=1,
+        block_step=1,
+        step=1,
+        scale_list=(1,),
+        gr_factor=(1,),
+        bn_factor=(1,),
+        n_channels=4,
+        growth_rate=2,
+        head_channels=4,
+    )
     ops = count_exit_ops_official(net, net.input_size)
     # stem conv 3->4 (3x3, 8x8) + ReLU; layer: 1x1 4->2, ReLU, 3x3 2->2, ReLU (8x8);
     # head: 3x3 6->4 (4x4), ReLU, 3x3 4->4 (2x2), ReLU, avgpool 2x2, linear 4->10 + bias.
     expected = (
-        4 * 3 * 9 * 64 + 4 * 64
-        + 4 * 2 * 64 + 2 * 64 + 2 * 2 * 9 * 64 + 2 * 64
-        + 6 * 4 * 9 * 16 + 4 * 16 + 4 * 4 * 9 * 4 + 4 * 4 + 4 * 4 + 40 + 10
+        4 * 3 * 9 * 64
+        + 4 * 64
+        + 4 * 2 * 64
+        + 2 * 64
+        + 2 * 2 * 9 * 64
+        + 2 * 64
+        + 6 * 4 * 9 * 16
+        + 4 * 16
+        + 4 * 4 * 9 * 4
+        + 4 * 4
+        + 4 * 4
+        + 40
+        + 10
     )
     assert ops == [expected]
 

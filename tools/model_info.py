@@ -116,9 +116,7 @@ def summary_row(info: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="registered model name (see --list)")
     parser.add_argument("overrides", nargs="*", help="key=value options for create_model")
     parser.add_argument("--list", action="store_true", help="print the registered model names and exit")

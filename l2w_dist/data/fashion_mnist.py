@@ -64,6 +64,11 @@ def prepare_fashion_mnist(
     if _complete(sidecar, holdout, seed):
         return sidecar
     return write_shards(
-        "fashion-mnist", _raw_dir(out_dir), out_dir / PREFIX, maxcount=maxcount, holdout=holdout,
-        seed=seed, workers=workers,
-    )  # fmt: skip
+        "fashion-mnist",
+        _raw_dir(out_dir),
+        out_dir / PREFIX,
+        maxcount=maxcount,
+        holdout=holdout,
+        seed=seed,
+        workers=workers,
+    )

@@ -232,8 +232,10 @@ def _collate(
         first = samples[0][0]
         b = len(samples)
         if shift is not None and first.dtype != torch.uint8:
-            raise TypeError(f"the loader normalises uint8 images, but the transform gave {first.dtype}: "
-                            "build it with build_transforms(..., normalize=False)")  # fmt: skip
+            raise TypeError(
+                f"the loader normalises uint8 images, but the transform gave {first.dtype}: "
+                "build it with build_transforms(..., normalize=False)"
+            )
         proto = first.new_empty(0, dtype=torch.float32 if shift is not None else first.dtype)
         if get_worker_info() is not None:
             storage = proto._typed_storage()._new_shared(b * first.numel(), device=first.device)
@@ -370,9 +372,7 @@ class _Loader:
         kw = {}
         if self.num_workers > 0 and self.prefetch_factor:
             kw["prefetch_factor"] = self.prefetch_factor
-        return DataLoader(
-            self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw
-        )
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
 
 
 class TrainLoader(_Loader):
@@ -479,12 +479,24 @@ def build_train_loader(
             f"epoch of {epoch_length} batches: {count} samples < world_size {world_size} × batch {batch_size}"
         )
     stream = _Stream(
-        mode="train", name="train", urls=urls, rank=rank, world_size=world_size, batch_size=batch_size,
-        transform=transform, seed=seed, num_batches=epoch_length, resampled=resampled,
-        channels_last=channels_last, normalize=normalize, shuffle_buffer=shuffle_buffer,
+        mode="train",
+        name="train",
+        urls=urls,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        transform=transform,
+        seed=seed,
+        num_batches=epoch_length,
+        resampled=resampled,
+        channels_last=channels_last,
+        normalize=normalize,
+        shuffle_buffer=shuffle_buffer,
         max_bad_fraction=max_bad_fraction,
-        bad_warmup=bad_warmup, epoch=0, start_batch=0,
-    )  # fmt: skip
+        bad_warmup=bad_warmup,
+        epoch=0,
+        start_batch=0,
+    )
     return TrainLoader(stream, num_workers, pin_memory, prefetch_factor)
 
 
@@ -518,8 +530,16 @@ def build_eval_loader(
             n = sum(counts[i] for i in mine)
             num_samples += len(range(offset, n, stride))
     stream = _Stream(
-        mode="eval", name=split, urls=urls, rank=rank, world_size=world_size, batch_size=batch_size,
-        transform=transform, channels_last=channels_last, normalize=normalize, max_bad_fraction=max_bad_fraction,
+        mode="eval",
+        name=split,
+        urls=urls,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        transform=transform,
+        channels_last=channels_last,
+        normalize=normalize,
+        max_bad_fraction=max_bad_fraction,
         bad_warmup=bad_warmup,
-    )  # fmt: skip
+    )
     return EvalLoader(stream, num_workers, pin_memory, num_samples)

@@ -26,9 +26,17 @@ SOURCES = ("imagefolder", "cifar", "fashion-mnist", "numpy")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".JPEG", ".JPG", ".PNG")
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -204,7 +212,4 @@ def read_numpy(path: Path) -> tuple[dict[str, list[RawSample]], list[str]]:
 
 def _array_samples(split: str, images: np.ndarray, labels: list[int]) -> list[RawSample]:
     width = max(5, len(str(len(images))))
-    return [
-        RawSample(key=f"{split}_{i:0{width}d}", label=int(labels[i]), array=images[i])
-        for i in range(len(images))
-    ]
+    return [RawSample(key=f"{split}_{i:0{width}d}", label=int(labels[i]), array=images[i]) for i in range(len(images))]

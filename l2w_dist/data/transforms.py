@@ -89,8 +89,13 @@ def build_transforms(
     if dataset_kind == "imagenet":
         from timm.data import create_transform
 
-        kw = {"color_jitter": None, "interpolation": "bilinear", "mean": mean, "std": std,
-              "use_prefetcher": not normalize}  # fmt: skip
+        kw = {
+            "color_jitter": None,
+            "interpolation": "bilinear",
+            "mean": mean,
+            "std": std,
+            "use_prefetcher": not normalize,
+        }
         kw.update(timm_kwargs)
         tf = create_transform(input_size=img_size, is_training=train, **kw)
         return T.Compose([*gray, tf]) if gray else tf

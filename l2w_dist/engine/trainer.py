@@ -8,7 +8,6 @@ checkpoint of the run folder if there is one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -29,10 +28,11 @@ from ..data import (
     dataset_info,
     prepare_fashion_mnist,
 )
-from ..dist import DistEnv, build_backend
+from ..distributed import DistEnv, build_backend
 from ..evaluate import anytime, budgeted, collect_logits, plot_curves, write_eval_json
 from ..meta import L2WConfig, WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
 from ..models import create_model
+from ..utils import autocast
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .logging import RunLogger, finite
 
@@ -57,21 +57,31 @@ class TrainingJob:
             model = model.to(memory_format=torch.channels_last)
         self.exit_flops = model.exit_flops
         self.num_exits = model.num_exits
-        self.weight_net = WeightNet(model.num_exits, hidden=cfg.meta.hidden, layers=cfg.meta.layers,
-                                    input=cfg.meta.input).to(self.device)
-        self.meta_optimizer = torch.optim.Adam(self.weight_net.parameters(), lr=cfg.meta.lr,
-                                               weight_decay=cfg.meta.weight_decay)
+        self.weight_net = WeightNet(
+            model.num_exits, hidden=cfg.meta.hidden, layers=cfg.meta.layers, input=cfg.meta.input
+        ).to(self.device)
+        self.meta_optimizer = torch.optim.Adam(
+            self.weight_net.parameters(), lr=cfg.meta.lr, weight_decay=cfg.meta.weight_decay
+        )
         self.per_rank_batch = tc.batch_size // env.world_size
         if self.per_rank_batch * env.world_size != tc.batch_size or self.per_rank_batch % 2:
-            raise ValueError(f"train.batch_size={tc.batch_size} must split into an even per-rank batch over "
-                             f"{env.world_size} ranks")
+            raise ValueError(
+                f"train.batch_size={tc.batch_size} must split into an even per-rank batch over {env.world_size} ranks"
+            )
         optimizer = self._make_optimizer(model)
         backend_kind = cfg.dist.backend
         if backend_kind == "auto":
             backend_kind = "ddp" if env.world_size > 1 else "none"
-        self.backend = build_backend(backend_kind, model, optimizer, env=env, zero_stage=cfg.dist.zero_stage,
-                                     grad_clip=cfg.optim.grad_clip or None, precision=tc.precision,
-                                     sync_batchnorm=cfg.dist.sync_batchnorm)
+        self.backend = build_backend(
+            backend_kind,
+            model,
+            optimizer,
+            env=env,
+            zero_stage=cfg.dist.zero_stage,
+            grad_clip=cfg.optim.grad_clip or None,
+            precision=tc.precision,
+            sync_batchnorm=cfg.dist.sync_batchnorm,
+        )
         self.optimizer = optimizer
         self.plain_forward = torch.compile(self.backend.model) if tc.compile else self.backend.model
         self.ema = None
@@ -79,46 +89,67 @@ class TrainingJob:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.backend.module, decay=tc.ema_decay)
-        self.l2w_cfg = L2WConfig(epsilon=cfg.meta.epsilon, constraint=cfg.meta.constraint, input=cfg.meta.input,
-                                 target_p_index=cfg.meta.target_p_index, hypergrad=cfg.meta.hypergrad,
-                                 sync=cfg.meta.sync, real_weights=cfg.meta.real_weights,
-                                 label_smoothing=cfg.optim.label_smoothing)
+        self.l2w_cfg = L2WConfig(
+            epsilon=cfg.meta.epsilon,
+            constraint=cfg.meta.constraint,
+            input=cfg.meta.input,
+            target_p_index=cfg.meta.target_p_index,
+            hypergrad=cfg.meta.hypergrad,
+            sync=cfg.meta.sync,
+            real_weights=cfg.meta.real_weights,
+            label_smoothing=cfg.optim.label_smoothing,
+        )
 
         # Data. ----------------------------------------------------------------------------
         self.data_spec = resolve_data_spec(cfg, env)
         self.train_loader = build_train_loader(
-            self.data_spec, batch_size=self.per_rank_batch, rank=env.rank, world_size=env.world_size,
+            self.data_spec,
+            batch_size=self.per_rank_batch,
+            rank=env.rank,
+            world_size=env.world_size,
             num_workers=cfg.data.num_workers,
             transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size, normalize=False),
             normalize=loader_normalization(cfg),
-            seed=tc.seed, channels_last=tc.channels_last, pin_memory=self.device.type == "cuda",
+            seed=tc.seed,
+            channels_last=tc.channels_last,
+            pin_memory=self.device.type == "cuda",
             max_bad_fraction=cfg.data.max_bad_fraction,
-            include_holdout=cfg.data.calibration == "train_augmented")  # the released code trains on all
+            include_holdout=cfg.data.calibration == "train_augmented",
+        )  # the released code trains on all
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = max(1, math.ceil(tc.epochs * self.steps_per_epoch))  # the schedule's length
         self.stop_step = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
 
         # Per-iteration schedules (timm), independent of max_steps so that resuming is exact.
-        self.scheduler = CosineLRScheduler(optimizer, t_initial=self.total_steps, lr_min=cfg.optim.min_lr,
-                                           warmup_t=cfg.optim.warmup_steps, warmup_lr_init=cfg.optim.min_lr,
-                                           t_in_epochs=False)
-        self.meta_scheduler = CosineLRScheduler(self.meta_optimizer, t_initial=self.total_steps,
-                                                t_in_epochs=False)
+        self.scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=self.total_steps,
+            lr_min=cfg.optim.min_lr,
+            warmup_t=cfg.optim.warmup_steps,
+            warmup_lr_init=cfg.optim.min_lr,
+            t_in_epochs=False,
+        )
+        self.meta_scheduler = CosineLRScheduler(self.meta_optimizer, t_initial=self.total_steps, t_in_epochs=False)
 
         # State, checkpoints, logging. -----------------------------------------------------
         self.step = 0
         self.ckpt = CheckpointManager(run_dir / "checkpoints", keep_best=tc.keep_best)
         resume_id = self._maybe_resume()
-        self.logger = RunLogger(run_dir, rank=env.rank, wandb_cfg=cfg.wandb, config=cfg.to_dict(),
-                                resume_id=resume_id)
+        self.logger = RunLogger(run_dir, rank=env.rank, wandb_cfg=cfg.wandb, config=cfg.to_dict(), resume_id=resume_id)
         if self.logger.url and env.rank == 0:
             print(f"W&B run: {self.logger.url}", flush=True)
 
     # ------------------------------------------------------------------------------------
     def fit(self, stop_requested: Callable[[], bool] | None = None) -> str:
         """Train until ``stop_step``; returns "finished" or "preempted"."""
-        bar = tqdm(total=self.stop_step, initial=self.step, disable=self.env.rank != 0, dynamic_ncols=True,
-                   desc="train", unit="it")
+        bar = tqdm(
+            total=self.stop_step,
+            initial=self.step,
+            disable=self.env.rank != 0,
+            dynamic_ncols=True,
+            desc="train",
+            unit="it",
+        )
         tic, seen = time.perf_counter(), 0
         while self.step < self.stop_step:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
@@ -131,12 +162,12 @@ class TrainingJob:
                 if not finite(stats["loss"]):
                     raise NonFiniteLossError(
                         f"loss is {stats['loss']} at step {self.step}; stopping. The last good checkpoint is "
-                        f"{self.ckpt.last} (lower optim.lr or enable optim.grad_clip)")
+                        f"{self.ckpt.last} (lower optim.lr or enable optim.grad_clip)"
+                    )
                 seen += x.shape[0] * self.env.world_size
                 if self.step % self.cfg.train.log_every == 0 or self.step == self.stop_step:
                     rate = seen / (time.perf_counter() - tic)
-                    self.logger.log({**stats, "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": rate},
-                                    self.step)
+                    self.logger.log({**stats, "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": rate}, self.step)
                     if self.logger.wandb is not None and self.cfg.meta.enabled:
                         self.logger.log_weight_histograms(self.sample_weights(x, y), self.step)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{rate:.0f}")
@@ -151,8 +182,12 @@ class TrainingJob:
                     bar.close()
                     return "preempted"
             self._log_bad_data()
-            if self.step % self.steps_per_epoch == 0 and self.cfg.eval.enabled and self.cfg.eval.every_epochs \
-                    and (self.step // self.steps_per_epoch) % self.cfg.eval.every_epochs == 0:
+            if (
+                self.step % self.steps_per_epoch == 0
+                and self.cfg.eval.enabled
+                and self.cfg.eval.every_epochs
+                and (self.step // self.steps_per_epoch) % self.cfg.eval.every_epochs == 0
+            ):
                 self.epoch_eval()
         bar.close()
         self.save()
@@ -164,8 +199,11 @@ class TrainingJob:
         bad, read = self.train_loader.bad_data()
         if bad:
             self.logger.log({"data/bad": bad, "data/read": read}, self.step)
-            print(f"rank {self.env.rank}: {bad} bad samples/shards skipped of {read} read so far "
-                  f"(stops above data.max_bad_fraction={self.cfg.data.max_bad_fraction} per worker)", flush=True)
+            print(
+                f"rank {self.env.rank}: {bad} bad samples/shards skipped of {read} read so far "
+                f"(stops above data.max_bad_fraction={self.cfg.data.max_bad_fraction} per worker)",
+                flush=True,
+            )
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One loader batch: an L2W iteration (two half steps), or one plain step for the baseline."""
@@ -173,9 +211,17 @@ class TrainingJob:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             if self.cfg.meta.enabled:
-                stats = l2w_iteration(self.backend.model, self.weight_net, self.backend.update,
-                                      self.meta_optimizer, x, y, cfg=self.l2w_cfg, step=self.step,
-                                      meta_interval=self.cfg.meta.interval)
+                stats = l2w_iteration(
+                    self.backend.model,
+                    self.weight_net,
+                    self.backend.update,
+                    self.meta_optimizer,
+                    x,
+                    y,
+                    cfg=self.l2w_cfg,
+                    step=self.step,
+                    meta_interval=self.cfg.meta.interval,
+                )
             else:
                 stats = self.plain_step(x, y)
         if self.ema is not None:
@@ -185,8 +231,9 @@ class TrainingJob:
     def plain_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """The baseline: every exit's cross-entropy with uniform weights, one optimizer step."""
         logits = self.plain_forward(x)
-        per_exit = torch.stack([F.cross_entropy(lg.float(), y, label_smoothing=self.cfg.optim.label_smoothing)
-                                for lg in logits])
+        per_exit = torch.stack(
+            [F.cross_entropy(lg.float(), y, label_smoothing=self.cfg.optim.label_smoothing) for lg in logits]
+        )
         loss = per_exit.sum()
         update = self.backend.update
         update.zero_grad()
@@ -256,8 +303,7 @@ class TrainingJob:
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "rng": rng_state(),
             "step": self.step,
-            "data_position": {"epoch": self.step // self.steps_per_epoch,
-                              "batch": self.step % self.steps_per_epoch},
+            "data_position": {"epoch": self.step // self.steps_per_epoch, "batch": self.step % self.steps_per_epoch},
             "world_size": self.env.world_size,
             "wandb_id": getattr(self, "logger", None) and self.logger.run_id,
             "exit_flops": list(self.exit_flops),
@@ -276,8 +322,10 @@ class TrainingJob:
             return None
         state = load_checkpoint(self.ckpt.last, map_location=self.device)
         if state["world_size"] != self.env.world_size and self.cfg.dist.zero_stage:
-            raise ValueError(f"{self.ckpt.last} was written by {state['world_size']} ranks; ZeRO state cannot be "
-                             f"resumed on {self.env.world_size}")
+            raise ValueError(
+                f"{self.ckpt.last} was written by {state['world_size']} ranks; ZeRO state cannot be "
+                f"resumed on {self.env.world_size}"
+            )
         self.backend.module.load_state_dict(state["model"])
         self.weight_net.load_state_dict(state["weight_net"])
         self.backend.load_optimizer_state_dict(state["optimizer"])
@@ -298,14 +346,13 @@ class TrainingJob:
         o = self.cfg.optim
         lr = o.lr * self.cfg.train.batch_size / o.lr_reference_batch if o.lr_reference_batch else o.lr
         if o.name == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov,
-                                   weight_decay=o.weight_decay)
+            return torch.optim.SGD(
+                model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+            )
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
     def _autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.cfg.train.precision)
 
     def _all_agree(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any rank (so all ranks checkpoint together)."""
@@ -324,8 +371,10 @@ def resolve_data_spec(cfg: Config, env: DistEnv) -> str:
     if cfg.data.spec:
         return cfg.data.spec
     if cfg.data.dataset != "fashion-mnist":
-        raise ValueError(f"data.spec is empty: set it to the JSON sidecar written by tools/make_shards.py for "
-                         f"data.dataset={cfg.data.dataset!r} (only fashion-mnist is prepared automatically)")
+        raise ValueError(
+            f"data.spec is empty: set it to the JSON sidecar written by tools/make_shards.py for "
+            f"data.dataset={cfg.data.dataset!r} (only fashion-mnist is prepared automatically)"
+        )
     if env.rank == 0:
         prepare_fashion_mnist(cfg.data.root, holdout=cfg.data.holdout, seed=cfg.train.seed)
     if env.world_size > 1:
@@ -336,9 +385,15 @@ def resolve_data_spec(cfg: Config, env: DistEnv) -> str:
 def eval_loader(cfg: Config, env: DistEnv, spec: str, split: str, train_transform: bool = False):
     """Exact-mode loader over one split (every sample once across ranks), eval transforms by default."""
     return build_eval_loader(
-        spec, split, batch_size=cfg.data.eval_batch_size, rank=env.rank, world_size=env.world_size,
-        num_workers=cfg.data.num_workers, normalize=loader_normalization(cfg),
-        transform=build_transforms(cfg.data.dataset, train_transform, cfg.data.img_size, normalize=False))
+        spec,
+        split,
+        batch_size=cfg.data.eval_batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=cfg.data.num_workers,
+        normalize=loader_normalization(cfg),
+        transform=build_transforms(cfg.data.dataset, train_transform, cfg.data.img_size, normalize=False),
+    )
 
 
 def attach_device_normalization(model: torch.nn.Module, cfg: Config) -> None:

@@ -1,10 +1,10 @@
 """Evaluation of multi-exit networks: anytime and budgeted-batch (accuracy vs FLOPs), eval.json, plots.
 
-    logits, labels = collect_logits(model, loader, device)       # [K, N, C], [N]
-    rows = anytime(logits, labels, model.exit_flops)
-    curve = budgeted(h_logits, h_labels, logits, labels, model.exit_flops)
-    write_eval_json(run_dir / "eval.json", rows, curve)
-    plot_curves({"L2W": load_eval_json(run_dir)}, run_dir / "curve.png")
+logits, labels = collect_logits(model, loader, device)       # [K, N, C], [N]
+rows = anytime(logits, labels, model.exit_flops)
+curve = budgeted(h_logits, h_labels, logits, labels, model.exit_flops)
+write_eval_json(run_dir / "eval.json", rows, curve)
+plot_curves({"L2W": load_eval_json(run_dir)}, run_dir / "curve.png")
 """
 
 from .collect import collect_logits

@@ -87,9 +87,7 @@ def _gather(logits: torch.Tensor | None, labels: torch.Tensor) -> tuple[torch.Te
     comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     comm_device = comm_device or torch.device("cpu")
     # shapes: (n_local, K, C); K and C are -1 on a rank that saw nothing
-    shape = torch.tensor(
-        [labels.numel(), *(logits.shape[::2] if logits is not None else (-1, -1))], device=comm_device
-    )
+    shape = torch.tensor([labels.numel(), *(logits.shape[::2] if logits is not None else (-1, -1))], device=comm_device)
     shapes = [torch.empty_like(shape) for _ in range(world)]
     dist.all_gather(shapes, shape)
     shapes = [s.tolist() for s in shapes]

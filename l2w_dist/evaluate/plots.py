@@ -42,9 +42,7 @@ def plot_curves(
     elif reference is not None:
         refs = load_reference(reference)
 
-    all_flops = [
-        r["flops"] for rec in runs.values() for part in ("anytime", "budgeted") for r in rec.get(part, [])
-    ]
+    all_flops = [r["flops"] for rec in runs.values() for part in ("anytime", "budgeted") for r in rec.get(part, [])]
     all_flops += [pt["flops"] for series in refs.values() for pt in series]
     scale, unit = _unit(max(all_flops) if all_flops else 1.0)
 
@@ -57,23 +55,38 @@ def plot_curves(
         curve = sorted(record.get("budgeted", []), key=lambda r: r["flops"])
         if curve:
             ax.plot(
-                [r["flops"] / scale for r in curve], [r["top1"] for r in curve],
-                "-", color=colour, lw=1.8, label=f"{label} (budgeted)",
+                [r["flops"] / scale for r in curve],
+                [r["top1"] for r in curve],
+                "-",
+                color=colour,
+                lw=1.8,
+                label=f"{label} (budgeted)",
             )
         exits = record.get("anytime", [])
         if exits:
             ax.plot(
-                [r["flops"] / scale for r in exits], [r["top1"] for r in exits],
-                "o", color=colour, ms=6, mfc="white", mew=1.5, label=f"{label} (anytime exits)",
+                [r["flops"] / scale for r in exits],
+                [r["top1"] for r in exits],
+                "o",
+                color=colour,
+                ms=6,
+                mfc="white",
+                mew=1.5,
+                label=f"{label} (anytime exits)",
             )
     greys = ["black", "dimgray", "gray", "darkgray"]
     markers = ["x", "s", "^", "d"]
     for i, (label, series) in enumerate(refs.items()):
         pts = sorted(series, key=lambda r: r["flops"])
         ax.plot(
-            [r["flops"] / scale for r in pts], [r["top1"] for r in pts],
-            linestyle="--", marker=markers[i % len(markers)], color=greys[i % len(greys)],
-            lw=1.0, ms=6, label=label,
+            [r["flops"] / scale for r in pts],
+            [r["top1"] for r in pts],
+            linestyle="--",
+            marker=markers[i % len(markers)],
+            color=greys[i % len(greys)],
+            lw=1.0,
+            ms=6,
+            label=label,
         )
     ax.set_xlabel(f"{unit} per image (multiply-adds; budgeted: expected)")
     ax.set_ylabel("top-1 accuracy (%)")

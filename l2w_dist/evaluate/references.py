@@ -1,7 +1,7 @@
 """Published reference points to overlay on accuracy-vs-FLOPs plots.
 
 Only figures published as numbers are here (the papers' budgeted curves exist only as
-figures). FLOPs are multiply-adds per image (the official MSDNet counter, DESIGN §2);
+figures). FLOPs are multiply-adds per image (the official MSDNet counter; docs/algorithm.md §5);
 top-1 in %. Source of the accuracies: the released L2W-DEN checkpoints' per-exit
 ImageNet top-1 (LeapLabTHU/L2W-DEN README, 100 epochs, no label smoothing).
 """
@@ -25,20 +25,12 @@ _L2W_MSDNET_IMAGENET_TOP1 = {
 
 
 def _series(step: int) -> list[dict]:
-    return [
-        {"flops": f, "top1": a}
-        for f, a in zip(_MSDNET_IMAGENET_FLOPS[step], _L2W_MSDNET_IMAGENET_TOP1[step])
-    ]
+    return [{"flops": f, "top1": a} for f, a in zip(_MSDNET_IMAGENET_FLOPS[step], _L2W_MSDNET_IMAGENET_TOP1[step])]
 
 
 REFERENCES: dict[str, dict[str, list[dict]]] = {
-    "paper_msdnet_imagenet": {
-        f"L2W MSDNet step {s} (released, anytime)": _series(s) for s in (4, 6, 7)
-    },
-    **{
-        f"paper_msdnet_imagenet_step{s}": {f"L2W MSDNet step {s} (released, anytime)": _series(s)}
-        for s in (4, 6, 7)
-    },
+    "paper_msdnet_imagenet": {f"L2W MSDNet step {s} (released, anytime)": _series(s) for s in (4, 6, 7)},
+    **{f"paper_msdnet_imagenet_step{s}": {f"L2W MSDNet step {s} (released, anytime)": _series(s)} for s in (4, 6, 7)},
 }
 """Built-in reference sets: name -> {series label -> [{"flops", "top1"}]}."""
 
@@ -49,9 +41,7 @@ def load_reference(name_or_path: str | os.PathLike) -> dict[str, list[dict]]:
         return REFERENCES[str(name_or_path)]
     path = Path(name_or_path)
     if not path.is_file():
-        raise ValueError(
-            f"reference {str(name_or_path)!r} is neither a built-in set ({sorted(REFERENCES)}) nor a file"
-        )
+        raise ValueError(f"reference {str(name_or_path)!r} is neither a built-in set ({sorted(REFERENCES)}) nor a file")
     with open(path) as f:
         data = json.load(f)
     return normalise_reference(data, source=str(path))

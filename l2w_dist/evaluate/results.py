@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..utils import atomic_write_json
 from .collect import collect_logits
 from .metrics import anytime, budgeted
 
@@ -33,26 +33,14 @@ def write_eval_json(path: str | os.PathLike, anytime: Sequence[dict], budgeted: 
 
     Only the schema's keys are written (extra keys in the rows are dropped), so readers can
     rely on the exact shape. Written to a temporary file in the same folder, flushed and
-    fsynced, then ``os.replace``d: a crash never leaves a half-written eval.json.
+    fsynced, then renamed (:func:`~l2w_dist.utils.atomic_write`): a crash never leaves a half-written eval.json.
     """
     path = Path(path)
     record = {
         "anytime": _rows(anytime, ANYTIME_KEYS, "anytime"),
         "budgeted": _rows(budgeted, BUDGETED_KEYS, "budgeted"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, record)
     return path
 
 

@@ -1,4 +1,4 @@
-"""The L2W-DEN algorithm (DESIGN §2), free of distribution backends, logging and I/O.
+"""The L2W-DEN algorithm (docs/algorithm.md §2), free of distribution backends, logging and I/O.
 
 Entry points: ``L2WConfig``, ``WeightNet``, ``l2w_half_step``, ``l2w_iteration``.
 """

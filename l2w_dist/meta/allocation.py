@@ -1,6 +1,6 @@
 """Target exit proportions, the test-time-like exit allocation of the meta batch, meta loss.
 
-The allocation mimics budgeted-batch inference (DESIGN §2 "Meta objective"): in exit order
+The allocation mimics budgeted-batch inference (docs/algorithm.md §2.3): in exit order
 k = 1..K-1, the ``floor(N q_k)`` not-yet-allocated samples with the highest confidence at
 exit k leave there; the last exit takes the rest. Ties are broken by the lower sample
 index (a stable sort), which is what a greedy loop over samples in stably sorted order does.

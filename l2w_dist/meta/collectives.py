@@ -1,5 +1,5 @@
-"""The few collectives the L2W step needs, passed in as an object (DESIGN §3: meta/ never
-imports a distribution backend; it receives what it needs).
+"""The few collectives the L2W step needs, passed in as an object (meta/ never imports a
+distribution backend; it receives what it needs: docs/architecture.md).
 
 ``LocalCollectives`` is a single process. ``TorchCollectives`` uses plain
 ``torch.distributed`` calls on a process group; its ``all_reduce_sum`` is autograd-aware

@@ -1,4 +1,4 @@
-"""One L2W-DEN iteration (DESIGN §2) — read this file to understand the algorithm.
+"""One L2W-DEN iteration (docs/algorithm.md §2) — read this file to understand the algorithm.
 
 An iteration splits the loader batch into halves X1, X2 and runs two *half steps*,
 (train, meta) = (X1, X2) then (X2, X1). A half step:
@@ -104,7 +104,7 @@ def l2w_half_step(
     do_meta: bool = True,
     collectives: Collectives | None = None,
 ) -> dict[str, float]:
-    """DESIGN §2 steps 1-2 for one (train, meta) pair; returns plain floats (one host sync).
+    """Steps 1-3 of docs/algorithm.md §2 for one (train, meta) pair; returns plain floats (one host sync).
 
     Keys: ``loss`` (weighted train loss of the real update), ``meta_loss`` (global under
     global sync; NaN when ``do_meta`` is False), ``ce/k``, ``w_mean/k``, ``w_std/k``,
@@ -127,9 +127,18 @@ class _MetaForward:
 
 
 def _half_step(
-    model, weight_net, optimizer, meta_optimizer, train, meta, cfg, do_meta, collectives,
-    reuse: _MetaForward | None = None, keep_meta_forward: bool = False,
-) -> tuple[dict[str, float], _MetaForward | None]:  # fmt: skip
+    model,
+    weight_net,
+    optimizer,
+    meta_optimizer,
+    train,
+    meta,
+    cfg,
+    do_meta,
+    collectives,
+    reuse: _MetaForward | None = None,
+    keep_meta_forward: bool = False,
+) -> tuple[dict[str, float], _MetaForward | None]:
     """:func:`l2w_half_step`; ``reuse``: this half step's train forward, already run (see
     :class:`_MetaForward`); ``keep_meta_forward``: return this half step's meta forward, with
     θ set exactly to θ' (only valid when :func:`_lands_on_virtual_step`)."""
@@ -182,9 +191,20 @@ def _half_step(
             )
         else:
             pseudo_grads, meta_loss, alloc, meta_forward = _first_order_meta_grad(
-                module, params, grad_wrt, states, ce, weights, x_tr, y_tr, meta, cfg, coll, global_sync,
+                module,
+                params,
+                grad_wrt,
+                states,
+                ce,
+                weights,
+                x_tr,
+                y_tr,
+                meta,
+                cfg,
+                coll,
+                global_sync,
                 keep_meta_forward,
-            )  # fmt: skip
+            )
         _reduce_weight_net_grads(weight_net, coll, global_sync)
         meta_optimizer.step()
 
@@ -370,10 +390,7 @@ def _meta_loss(module, theta, meta, cfg, coll, global_sync):
 def per_sample_ce(logits: list[Tensor], targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """``[B, K]`` cross-entropy of every sample at every exit (computed in float32 at least)."""
     return torch.stack(
-        [
-            F.cross_entropy(_upcast(z), targets, reduction="none", label_smoothing=label_smoothing)
-            for z in logits
-        ],
+        [F.cross_entropy(_upcast(z), targets, reduction="none", label_smoothing=label_smoothing) for z in logits],
         dim=1,
     )
 
@@ -516,6 +533,3 @@ def _stats(loss, meta_loss, ce, weights, alloc) -> dict[str, float]:
         for e in range(k):
             out[f"{name}/{e}"] = values[2 + j * k + e]
     return out
-
-
-

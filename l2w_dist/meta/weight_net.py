@@ -3,7 +3,7 @@
 The WPN maps what we know about a training sample (its K detached per-exit losses and/or
 max-softmax confidences) to K raw scores in (-1, 1). The L2W step — not the network —
 turns raw scores ``t`` into sample weights ``w = 1 + eps * (t - mean(t))``, so any module
-producing K scores in (-1, 1) can serve as a weight net (DESIGN §2 "Weights").
+producing K scores in (-1, 1) can serve as a weight net (docs/algorithm.md §2.1).
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ class WeightNet(nn.Module):
         if input not in WPN_INPUTS:
             raise ValueError(f"WeightNet input={input!r} is not one of {WPN_INPUTS}")
         if num_exits < 1 or hidden < 1 or layers < 1:
-            raise ValueError(
-                f"WeightNet needs num_exits, hidden, layers >= 1; got {num_exits}, {hidden}, {layers}"
-            )
+            raise ValueError(f"WeightNet needs num_exits, hidden, layers >= 1; got {num_exits}, {hidden}, {layers}")
         self.num_exits = num_exits
         self.input = input
         in_features = num_exits * (2 if input == "both" else 1)

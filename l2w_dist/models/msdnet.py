@@ -188,8 +188,12 @@ class MSDLayer(nn.Module):
         if self.discard > 0:
             self.layers.append(
                 CrossScaleUnit(
-                    c_in * gf[offset - 1], c_in * gf[offset], growth * gf[offset],
-                    bottleneck, bf[offset - 1], bf[offset],
+                    c_in * gf[offset - 1],
+                    c_in * gf[offset],
+                    growth * gf[offset],
+                    bottleneck,
+                    bf[offset - 1],
+                    bf[offset],
                 )
             )
         else:
@@ -295,8 +299,14 @@ class MSDNet(MultiExitModel):
                 f"num_scales={num_scales}, "
                 f"growth_factor={list(growth_factor)}, bottleneck_factor={list(bottleneck_factor)}"
             )
-        positive = dict(num_blocks=num_blocks, step=step, base=base, channels=channels,
-                        growth_rate=growth_rate, num_classes=num_classes)
+        positive = dict(
+            num_blocks=num_blocks,
+            step=step,
+            base=base,
+            channels=channels,
+            growth_rate=growth_rate,
+            num_classes=num_classes,
+        )
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MSDNet option {name}={value!r} must be a positive integer")
@@ -307,9 +317,19 @@ class MSDNet(MultiExitModel):
         self.num_classes = num_classes
         self.input_size = input_size or ((3, 32, 32) if data == "cifar" else (3, 224, 224))
         self.options = dict(
-            num_blocks=num_blocks, step_mode=step_mode, step=step, base=base, channels=channels,
-            growth_rate=growth_rate, growth_factor=growth_factor, bottleneck_factor=bottleneck_factor,
-            bottleneck=bottleneck, prune=prune, reduction=reduction, num_scales=num_scales, data=data,
+            num_blocks=num_blocks,
+            step_mode=step_mode,
+            step=step,
+            base=base,
+            channels=channels,
+            growth_rate=growth_rate,
+            growth_factor=growth_factor,
+            bottleneck_factor=bottleneck_factor,
+            bottleneck=bottleneck,
+            prune=prune,
+            reduction=reduction,
+            num_scales=num_scales,
+            data=data,
             num_classes=num_classes,
         )
         self.steps = block_steps(num_blocks, step_mode, step, base)
@@ -327,8 +347,9 @@ class MSDNet(MultiExitModel):
                 done += 1
                 in_scales, out_scales = self._kept_scales(prune, num_scales, total_layers, done)
                 layers.append(
-                    MSDLayer(c, growth_rate, num_scales, in_scales, out_scales,
-                             growth_factor, bottleneck, bottleneck_factor)
+                    MSDLayer(
+                        c, growth_rate, num_scales, in_scales, out_scales, growth_factor, bottleneck, bottleneck_factor
+                    )
                 )
                 c += growth_rate
                 if reduction > 0 and self._transition_here(prune, in_scales, out_scales, total_layers, done):
@@ -405,10 +426,20 @@ def msdnet_cifar(
     factors 1-2-4, bottleneck, prune max, reduction 0.5). The anytime CIFAR network of the
     official README is ``num_blocks=7, step_mode="even", step=2, base=4``."""
     return MSDNet(
-        num_blocks=num_blocks, step_mode=step_mode, step=step, base=base, channels=channels,
-        growth_rate=growth_rate, growth_factor=growth_factor, bottleneck_factor=bottleneck_factor,
-        bottleneck=bottleneck, prune=prune, reduction=reduction, num_scales=num_scales,
-        data="cifar", num_classes=num_classes,
+        num_blocks=num_blocks,
+        step_mode=step_mode,
+        step=step,
+        base=base,
+        channels=channels,
+        growth_rate=growth_rate,
+        growth_factor=growth_factor,
+        bottleneck_factor=bottleneck_factor,
+        bottleneck=bottleneck,
+        prune=prune,
+        reduction=reduction,
+        num_scales=num_scales,
+        data="cifar",
+        num_classes=num_classes,
     )
 
 
@@ -434,10 +465,20 @@ def msdnet_imagenet(
     picks the preset (4, 6 or 7); for other depths build :class:`MSDNet` directly."""
     _check_choice("step", step, IMAGENET_STEPS)
     return MSDNet(
-        num_blocks=num_blocks, step_mode=step_mode, step=step, base=base, channels=channels,
-        growth_rate=growth_rate, growth_factor=growth_factor, bottleneck_factor=bottleneck_factor,
-        bottleneck=bottleneck, prune=prune, reduction=reduction, num_scales=num_scales,
-        data="imagenet", num_classes=num_classes,
+        num_blocks=num_blocks,
+        step_mode=step_mode,
+        step=step,
+        base=base,
+        channels=channels,
+        growth_rate=growth_rate,
+        growth_factor=growth_factor,
+        bottleneck_factor=bottleneck_factor,
+        bottleneck=bottleneck,
+        prune=prune,
+        reduction=reduction,
+        num_scales=num_scales,
+        data="imagenet",
+        num_classes=num_classes,
     )
 
 
@@ -457,7 +498,7 @@ def _unwrap_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
     if not isinstance(state_dict, Mapping):
         kind = type(state_dict).__name__
         raise TypeError(f"expected a state dict (a mapping of names to tensors), got {kind}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}
 
 
 def load_official_state_dict(model: MSDNet, state_dict: Mapping[str, Any]) -> None:
@@ -484,8 +525,11 @@ def load_official_state_dict(model: MSDNet, state_dict: Mapping[str, Any]) -> No
     if missing or unexpected or mismatched:
         opts = getattr(model, "options", {})
         parts = [f"checkpoint does not match this MSDNet ({opts}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if items:
                 shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
                 parts.append(f"{len(items)} {title}: {shown}")

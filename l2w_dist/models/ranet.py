@@ -137,9 +137,7 @@ class _Block(nn.Module):
             c = c_in + i * growth
             if self.fused:
                 last = i == n_layers - 1
-                self.layers.append(
-                    _FusionLayer(c, low_channels[i], growth, bn_own, bn_low, compress, down and last)
-                )
+                self.layers.append(_FusionLayer(c, low_channels[i], growth, bn_own, bn_low, compress, down and last))
             else:
                 self.layers.append(_DenseLayer(c, growth, bn_own))
         c_out = c_in + n_layers * growth
@@ -222,9 +220,7 @@ class RANet(MultiExitModel):
         if list(scale_list) != sorted(scale_list) or scale_list[0] != 1:
             raise ValueError(f"scale_list must start at 1 and not decrease, got {list(scale_list)}")
         if n_blocks < 1 or block_step < 0 or step < 1:
-            raise ValueError(
-                f"need n_blocks >= 1, block_step >= 0, step >= 1; got {n_blocks}, {block_step}, {step}"
-            )
+            raise ValueError(f"need n_blocks >= 1, block_step >= 0, step >= 1; got {n_blocks}, {block_step}, {step}")
         self.num_classes = num_classes
         self.input_size = tuple(input_size)
         scale_list = list(scale_list)
@@ -349,8 +345,13 @@ def count_exit_ops_official(model: MultiExitModel, input_size: tuple[int, ...]) 
         x = inp[0]
         if isinstance(mod, nn.Conv2d):
             total[0] += (
-                mod.in_channels * mod.out_channels * mod.kernel_size[0] * mod.kernel_size[1]
-                * out.shape[2] * out.shape[3] / mod.groups
+                mod.in_channels
+                * mod.out_channels
+                * mod.kernel_size[0]
+                * mod.kernel_size[1]
+                * out.shape[2]
+                * out.shape[3]
+                / mod.groups
             )
         elif isinstance(mod, nn.ReLU):
             total[0] += x.numel()

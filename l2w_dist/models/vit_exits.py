@@ -6,7 +6,7 @@ LayerNorm + Linear on the class token (the mean of the patch tokens when the mod
 class token). Blocks after the last exit are dropped, so every parameter feeds some exit.
 
 Fused attention (``scaled_dot_product_attention``) has no forward-mode AD and no double
-backward on CPU and in several GPU kernels, which the L2W meta step needs (DESIGN §4), so
+backward on CPU and in several GPU kernels, which the L2W meta step needs (docs/algorithm.md §3), so
 it is OFF by default; ``set_fused_attn(True)`` turns it on for plain steps and
 evaluation, ``set_fused_attn(False)`` before a meta step.
 """
@@ -48,15 +48,13 @@ class ViTExits(MultiExitModel):
         missing = [a for a in needed if not hasattr(backbone, a)]
         if missing:
             raise ValueError(
-                f"vit_exits needs a timm VisionTransformer-like backbone; {type(backbone).__name__} "
-                f"lacks {missing}"
+                f"vit_exits needs a timm VisionTransformer-like backbone; {type(backbone).__name__} lacks {missing}"
             )
         depth = len(backbone.blocks)
         blocks = default_exit_blocks(depth) if exit_blocks is None else [int(b) for b in exit_blocks]
         if not blocks or sorted(set(blocks)) != blocks or blocks[0] < 1 or blocks[-1] > depth:
             raise ValueError(
-                f"exit_blocks must be strictly increasing 1-based block indices in 1..{depth}, "
-                f"got {exit_blocks}"
+                f"exit_blocks must be strictly increasing 1-based block indices in 1..{depth}, got {exit_blocks}"
             )
         self.exit_blocks = blocks
         self.num_exits = len(blocks)

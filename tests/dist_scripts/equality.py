@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from l2w_dist.dist import cleanup, init_distributed  # noqa: E402
-from l2w_dist.dist.backends import build_backend  # noqa: E402
+from l2w_dist.distributed import cleanup, init_distributed  # noqa: E402
+from l2w_dist.distributed.backends import build_backend  # noqa: E402
 from l2w_dist.meta import L2WConfig, LocalCollectives, WeightNet, l2w_half_step  # noqa: E402
 from tests.meta_helpers import TinyExitMLP, TinyMSDNetLike, make_optimizer, max_rel_diff  # noqa: E402
 
@@ -97,9 +97,7 @@ def main() -> None:
     record["cases"] = []
     try:
         for case in CASES:
-            cfg = L2WConfig(
-                epsilon=0.8, constraint=case["constraint"], hypergrad=case["hypergrad"], sync="global"
-            )
+            cfg = L2WConfig(epsilon=0.8, constraint=case["constraint"], hypergrad=case["hypergrad"], sync="global")
             x, y = _data(case, env.world_size)
             mine = slice(env.rank * B, (env.rank + 1) * B)
             model, wnet, opt, mopt = _build(case)

@@ -196,9 +196,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
         raise DistEnvError("backend='nccl' needs CUDA, which is not available here; use 'gloo' or 'auto'")
-    device = (
-        torch.device("cuda", info.local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    )
+    device = torch.device("cuda", info.local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if info.world_size == 1:

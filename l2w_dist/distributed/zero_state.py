@@ -44,9 +44,7 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
     for g in optimizer.param_groups:
         for flag in ("maximize", "amsgrad"):
             if g.get(flag):
-                raise ValueError(
-                    f"{type(optimizer).__name__}({flag}=True) is not supported by the L2W virtual step"
-                )
+                raise ValueError(f"{type(optimizer).__name__}({flag}=True) is not supported by the L2W virtual step")
     return kind
 
 
@@ -132,9 +130,7 @@ class ZeroStateView:
             group = self.base.param_groups[i]
             st = self.base.state.get(flat, {})
             step = _step_count(st.get("step")) if self.kind == "adamw" else sgd_steps
-            fulls = {
-                b: self._gather(i, st[b]) if st.get(b) is not None else None for b in _BUFFERS[self.kind]
-            }
+            fulls = {b: self._gather(i, st[b]) if st.get(b) is not None else None for b in _BUFFERS[self.kind]}
             for name, off, numel, shape in self._layout(i):
                 if names is not None and name not in names:
                     continue
@@ -151,9 +147,7 @@ class ZeroStateView:
                 have = [n for n, *_ in self._layout(i) if b in per_param.get(n, {})]
                 if not have:
                     continue
-                full = torch.zeros(
-                    size * dist.get_world_size(group=group), dtype=flat.dtype, device=flat.device
-                )
+                full = torch.zeros(size * dist.get_world_size(group=group), dtype=flat.dtype, device=flat.device)
                 for name, off, numel, _shape in self._layout(i):
                     if b in per_param.get(name, {}):
                         full[off : off + numel] = per_param[name][b].reshape(-1).to(full)

@@ -2,7 +2,7 @@
 
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` fresh processes (``spawn``
 start method, one thread each), sets the torchrun variables on each, joins the process
-group through :func:`~l2w_dist.dist.env.init_distributed` (so the real code path is
+group through :func:`~l2w_dist.distributed.env.init_distributed` (so the real code path is
 exercised), calls ``fn(env, *args)`` and returns the per-rank results in rank order.
 ``fn`` must be importable (defined at module top level). Results travel through
 ``torch.save`` files, not pipes, so tensors survive the child's exit. A failure on any
@@ -44,7 +44,7 @@ def _worker(
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
-    from l2w_dist.dist.env import cleanup, init_distributed
+    from l2w_dist.distributed.env import cleanup, init_distributed
 
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
@@ -71,9 +71,7 @@ def run_ranks(
     with tempfile.TemporaryDirectory(prefix="l2w_ranks_") as out_dir:
         port = free_port()
         procs = [
-            ctx.Process(
-                target=_worker, args=(r, world_size, port, out_dir, fn, args, extra_env), daemon=False
-            )
+            ctx.Process(target=_worker, args=(r, world_size, port, out_dir, fn, args, extra_env), daemon=False)
             for r in range(world_size)
         ]
         for p in procs:
@@ -88,9 +86,7 @@ def run_ranks(
         for r in range(world_size):
             path = os.path.join(out_dir, f"rank{r}.pt")
             if not os.path.exists(path):
-                errors.append(
-                    f"rank {r}: no result (exit code {procs[r].exitcode}{', hung' if r in hung else ''})"
-                )
+                errors.append(f"rank {r}: no result (exit code {procs[r].exitcode}{', hung' if r in hung else ''})")
                 continue
             rec = torch.load(path, weights_only=False)
             if rec["ok"]:

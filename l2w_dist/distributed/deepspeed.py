@@ -1,41 +1,25 @@
-"""Training backends: how the real update is applied across ranks, behind one small interface.
+"""DeepSpeed ZeRO 0/1/2 as a training backend: the engine, its real update, its config.
 
-The trainer and the L2W step need four things from "the backend": a module to call
-forward on (``model``: DDP / DeepSpeed engine / the plain module, so that gradient
-reduction is set up), the unwrapped module (``module``: state dicts and
-``torch.func.functional_call``), a :class:`~l2w_dist.meta.update.RealUpdate`
-(``update``: the optimizer state the virtual step mimics, plus backward / step), and
-learning-rate and checkpoint access. Everything DeepSpeed-specific stays in this file
-and :mod:`l2w_dist.dist.zero_state`; the algorithm never imports it.
-
-Kinds: ``none`` (one process, or DDP-free debugging), ``ddp`` (torch
-DistributedDataParallel: gloo on CPU, NCCL on GPU) and ``deepspeed`` (ZeRO stage 0, 1
-or 2; stage 3 is refused, see :data:`ZERO3_REFUSAL`).
-
-Checkpoints are portable: every backend's ``optimizer_state_dict()`` has the format of
-``torch.optim.Optimizer.state_dict()`` over the module's parameters in the original
-param-group order — DeepSpeed's sharded state is gathered into it — so a run can
-resume under another backend or another number of ranks.
+Everything DeepSpeed-specific lives here and in :mod:`l2w_dist.distributed.zero_state`
+(gathering ZeRO's sharded optimizer state into full per-parameter state); the algorithm
+never imports either. ``deepspeed`` itself is imported only when a DeepSpeed backend is
+built (it is slow to import).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from l2w_dist.dist.env import DistEnv
-from l2w_dist.dist.sync_bn import convert_sync_batchnorm
-from l2w_dist.dist.zero_state import ZeroStateView, optimizer_kind, param_state
-from l2w_dist.meta.update import ParamOptState, RealUpdate, TorchOptimizerUpdate
+from l2w_dist.distributed.backends import TrainBackend
+from l2w_dist.distributed.env import DistEnv
+from l2w_dist.distributed.zero_state import ZeroStateView, optimizer_kind, param_state
+from l2w_dist.meta.update import ParamOptState
 
-KINDS = ("none", "ddp", "deepspeed")
-PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2)
 
 ZERO3_REFUSAL = (
@@ -48,65 +32,6 @@ ZERO3_REFUSAL = (
     "exists to avoid — so it would be stage 2 with extra all-gathers. Use zero_stage=2 "
     "(optimizer state and gradients sharded) or 1."
 )
-
-
-class TrainBackend:
-    """What the trainer and the L2W step use; see the module docstring.
-
-    Attributes: ``model`` (call forward on it), ``module`` (the unwrapped model),
-    ``update`` (a :class:`RealUpdate`), ``env``, ``kind``, ``precision``.
-    """
-
-    kind: str = "none"
-
-    def __init__(
-        self, model: nn.Module, module: nn.Module, update: RealUpdate, env: DistEnv, precision: str = "fp32"
-    ):
-        self.model = model
-        self.module = module
-        self.update = update
-        self.env = env
-        self.precision = precision
-
-    # -- learning rate ---------------------------------------------------------------
-    def _param_groups(self) -> list[dict[str, Any]]:
-        return self.update.optimizer.param_groups  # type: ignore[attr-defined]
-
-    def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every param group (the trainer's schedule calls this each step)."""
-        for g in self._param_groups():
-            g["lr"] = lr
-
-    def get_lr(self) -> float:
-        return float(self._param_groups()[0]["lr"])
-
-    # -- checkpoints -------------------------------------------------------------------
-    def optimizer_state_dict(self) -> dict:
-        """``torch.optim``-format state dict (full, unsharded; identical on every rank)."""
-        return self.update.optimizer.state_dict()  # type: ignore[attr-defined]
-
-    def load_optimizer_state_dict(self, sd: dict) -> None:
-        self.update.optimizer.load_state_dict(sd)  # type: ignore[attr-defined]
-
-    # -- numerics ------------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast context for forwards outside ``model`` (functional calls of the L2W step)."""
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.env.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-
-class PlainBackend(TrainBackend):
-    kind = "none"
-
-
-class DDPBackend(TrainBackend):
-    kind = "ddp"
-
-
-# ---------------------------------------------------------------------------------------
-# DeepSpeed
-# ---------------------------------------------------------------------------------------
 
 
 class DeepSpeedUpdate:
@@ -130,9 +55,7 @@ class DeepSpeedUpdate:
         self.steps = 0  # real steps taken; SGD's ``step`` (torch's SGD keeps no count)
         self._param_groups = param_groups  # the user's groups, before DeepSpeed flattened them
         zero = engine.optimizer
-        self.view = (
-            ZeroStateView(zero, module, kind) if hasattr(zero, "single_partition_of_fp32_groups") else None
-        )
+        self.view = ZeroStateView(zero, module, kind) if hasattr(zero, "single_partition_of_fp32_groups") else None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -160,9 +83,7 @@ class DeepSpeedUpdate:
         out = self._named_full_state(set(params))
         missing = sorted(set(params) - set(out))
         if missing:
-            raise KeyError(
-                f"DeepSpeed optimizes no parameter named {missing[:5]} (frozen or not in the engine?)"
-            )
+            raise KeyError(f"DeepSpeed optimizes no parameter named {missing[:5]} (frozen or not in the engine?)")
         return out
 
     def zero_grad(self) -> None:
@@ -274,7 +195,7 @@ def _only_engine_backward_is_real(engine) -> None:
         if not hasattr(engine, attr):
             raise RuntimeError(
                 f"this DeepSpeed version's engine has no {attr}; the L2W DeepSpeed backend was written "
-                "for DeepSpeed 0.19 (see l2w_dist/dist/backends.py)"
+                "for DeepSpeed 0.19 (see l2w_dist/distributed/backends.py)"
             )
     prologue = engine._backward_prologue
 
@@ -316,76 +237,24 @@ def deepspeed_config(
     return cfg
 
 
-def build_backend(
-    kind: str,
+def build_deepspeed_backend(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
     env: DistEnv,
-    zero_stage: int = 0,
-    grad_clip: float | None = None,
-    precision: str = "fp32",
-    sync_batchnorm: bool = False,
+    zero_stage: int,
+    grad_clip: float | None,
+    precision: str,
     micro_batch_size: int = 1,
-    deepspeed_overrides: dict | None = None,
-) -> TrainBackend:
-    """Wrap ``model`` and ``optimizer`` (built over ``model.parameters()``) for training.
+    overrides: dict | None = None,
+) -> DeepSpeedBackend:
+    """``deepspeed.initialize`` over ``model`` (already on its device) and ``optimizer``."""
+    import deepspeed  # imported here: it is slow to import and only this backend needs it
 
-    ``kind``: "none" | "ddp" | "deepspeed". ``zero_stage`` (deepspeed only): 0, 1 or 2.
-    ``sync_batchnorm`` replaces BatchNorm layers by :class:`~l2w_dist.dist.sync_bn.GlobalBatchNorm`
-    (statistics over all ranks, in every forward of the L2W step, on CPU and GPU).
-    The model is moved to ``env.device``.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"backend kind={kind!r}; expected one of {KINDS}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}")
-    if kind == "deepspeed":
-        if zero_stage == 3:
-            raise ValueError(ZERO3_REFUSAL)
-        if zero_stage not in ZERO_STAGES:
-            raise ValueError(
-                f"zero_stage={zero_stage!r}; expected one of {ZERO_STAGES} (3 is refused with L2W)"
-            )
-    elif zero_stage != 0:
-        raise ValueError(f"zero_stage={zero_stage} is a DeepSpeed setting; kind={kind!r} takes zero_stage=0")
     kind_opt = optimizer_kind(optimizer)
-    if sync_batchnorm:
-        model = convert_sync_batchnorm(model)
-    model.to(env.device)
     grouped = [list(g["params"]) for g in optimizer.param_groups]
-    if kind == "none":
-        return PlainBackend(model, model, TorchOptimizerUpdate(optimizer, grad_clip), env, precision)
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"backend kind={kind!r} needs an initialised process group (launch with torchrun or srun "
-            "and call l2w_dist.dist.init_distributed()); for a single process use kind='none'"
-        )
-    if kind == "ddp":
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        return DDPBackend(ddp, model, TorchOptimizerUpdate(optimizer, grad_clip), env, precision)
-
-    import deepspeed  # imported here: it is slow to import and only this kind needs it
-
-    cfg = deepspeed_config(zero_stage, grad_clip, precision, micro_batch_size, deepspeed_overrides)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=cfg, dist_init_required=False
-    )
+    cfg = deepspeed_config(zero_stage, grad_clip, precision, micro_batch_size, overrides)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, dist_init_required=False)
     _only_engine_backward_is_real(engine)
     update = DeepSpeedUpdate(engine, engine.module, kind_opt, grouped)
     return DeepSpeedBackend(engine, engine.module, update, env, precision)
-
-
-__all__ = [
-    "KINDS",
-    "ZERO3_REFUSAL",
-    "DeepSpeedBackend",
-    "DeepSpeedUpdate",
-    "DDPBackend",
-    "PlainBackend",
-    "TrainBackend",
-    "build_backend",
-    "deepspeed_config",
-]

@@ -1,0 +1,6 @@
+"""Small mechanisms shared across the package, one copy each (no imports of the rest of l2w_dist)."""
+
+from .atomic import atomic_write, atomic_write_json
+from .precision import autocast
+
+__all__ = ["atomic_write", "atomic_write_json", "autocast"]

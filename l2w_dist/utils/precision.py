@@ -1,0 +1,19 @@
+"""The one autocast helper: bf16 autocast on the given device, or nothing for fp32."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, bfloat16)`` for ``precision="bf16"``, a no-op for ``"fp32"``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}")
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
