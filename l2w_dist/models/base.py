@@ -56,19 +56,21 @@ def _op_counter_extra(module: nn.Module, out: torch.Tensor) -> int:
     return 0
 
 
-def count_exit_flops(model: MultiExitModel, input_size: tuple[int, ...]) -> list[float]:
+def count_exit_flops(model: MultiExitModel, input_size: tuple[int, ...], convention: str | None = None) -> list[float]:
     """Count cumulative multiply-adds at each exit head with ``torch.utils.flop_counter``.
 
     FlopCounterMode counts 2 FLOPs per multiply-add of convolutions and matrix products;
     the MSDNet/RANet papers report multiply-adds, hence the halving. A forward hook on
     each exit head reads the running total when that head finishes.
 
-    With ``model.flop_convention == "op_counter"`` forward hooks on ReLU, pooling and
+    With the ``"op_counter"`` convention (``convention``, by default
+    ``model.flop_convention``) forward hooks on ReLU, pooling and
     linear modules add the extra element operations of the papers' counter (see
     :func:`_op_counter_extra`); adaptive average pooling adds one per input element.
     Convolution biases are not counted, as in that counter.
     """
-    convention = getattr(model, "flop_convention", "macs")
+    if convention is None:
+        convention = getattr(model, "flop_convention", "macs")
     if convention not in FLOP_CONVENTIONS:
         raise ValueError(f"unknown flop_convention {convention!r}; allowed values: {list(FLOP_CONVENTIONS)}")
     was_training = model.training

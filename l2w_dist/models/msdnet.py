@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiExitModel
+from .layers import bottleneck_conv, conv_bn_relu, conv_pool_trunk, downsampling_stem
 from .registry import register_model
 
 __all__ = ["MSDNet", "load_official_state_dict", "msdnet_cifar", "msdnet_imagenet"]
@@ -66,37 +67,19 @@ class ConvBNReLU(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(c_in, c_out, kernel_size=kernel, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        )
+        self.net = conv_bn_relu(c_in, c_out, kernel, stride, padding)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
 
 class DenseConv(nn.Module):
-    """Optional 1x1 bottleneck, then a 3x3 conv (stride 1 or 2), each with BN-ReLU
-    (official ``ConvBN``). The bottleneck width is ``min(c_in, bottleneck_factor * c_out)``."""
+    """Optional 1x1 bottleneck, then a 3x3 conv (stride 1 or 2), each with BN-ReLU, held in
+    ``self.net`` (official ``ConvBN``). The bottleneck width is ``min(c_in, bottleneck_factor * c_out)``."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, bottleneck: bool, bottleneck_factor: int):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_inner = c_in
-        if bottleneck:
-            c_inner = min(c_in, bottleneck_factor * c_out)
-            layers += [
-                nn.Conv2d(c_in, c_inner, 1, bias=False),
-                nn.BatchNorm2d(c_inner),
-                nn.ReLU(inplace=True),
-            ]
-        layers += [
-            nn.Conv2d(c_inner, c_out, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        ]
-        self.net = nn.Sequential(*layers)
+        self.net = bottleneck_conv(c_in, c_out, stride, bottleneck_factor, bottleneck=bottleneck)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -138,15 +121,8 @@ class FirstLayer(nn.Module):
         c0 = channels * growth_factor[0]
         if data == "cifar":
             self.layers.append(ConvBNReLU(3, c0, kernel=3, stride=1, padding=1))
-        else:  # imagenet: the official stem keeps the conv bias
-            self.layers.append(
-                nn.Sequential(
-                    nn.Conv2d(3, c0, kernel_size=7, stride=2, padding=3),
-                    nn.BatchNorm2d(c0),
-                    nn.ReLU(inplace=True),
-                    nn.MaxPool2d(3, 2, 1),
-                )
-            )
+        else:
+            self.layers.append(downsampling_stem(c0))
         c_prev = c0
         for factor in growth_factor[1:]:
             self.layers.append(ConvBNReLU(c_prev, channels * factor, kernel=3, stride=2, padding=1))
@@ -384,12 +360,7 @@ class MSDNet(MultiExitModel):
     @staticmethod
     def _exit_head(c_in: int, num_classes: int, data: str) -> ExitHead:
         width = 128 if data == "cifar" else c_in
-        features = nn.Sequential(
-            ConvBNReLU(c_in, width, kernel=3, stride=2, padding=1),
-            ConvBNReLU(width, width, kernel=3, stride=2, padding=1),
-            nn.AvgPool2d(2),
-        )
-        return ExitHead(features, width, num_classes)
+        return ExitHead(conv_pool_trunk(c_in, width, conv=ConvBNReLU), width, num_classes)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         logits = []

@@ -43,32 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiExitModel
+from .base import MultiExitModel, count_exit_flops
+from .layers import bottleneck_conv, conv_bn_relu, conv_pool_trunk, downsampling_stem
 from .registry import register_model
 
 _STEP_MODES = ("even", "lg")
-
-
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
-    """Conv (no bias) -> BN -> ReLU: the released ``ConvBasic``."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
-def _bottleneck_conv(c_in: int, c_out: int, stride: int, bn_width: int) -> nn.Sequential:
-    """1×1 bottleneck (width ``min(c_in, bn_width*c_out)``) then 3×3 conv, each with BN+ReLU."""
-    inner = min(c_in, bn_width * c_out)
-    return nn.Sequential(
-        nn.Conv2d(c_in, inner, 1, 1, 0, bias=False),
-        nn.BatchNorm2d(inner),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(inner, c_out, 3, stride, 1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -81,7 +60,7 @@ class _DenseLayer(nn.Module):
 
     def __init__(self, c_in: int, growth: int, bn_width: int) -> None:
         super().__init__()
-        self.conv = _bottleneck_conv(c_in, growth, 1, bn_width)
+        self.conv = bottleneck_conv(c_in, growth, 1, bn_width)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.conv(x)], dim=1)
@@ -101,8 +80,8 @@ class _FusionLayer(nn.Module):
     ) -> None:
         super().__init__()
         n_low = math.floor(growth * compress)
-        self.conv_low = _bottleneck_conv(c_low, n_low, 1, bn_low)
-        self.conv_own = _bottleneck_conv(c_in, growth - n_low, 2 if down else 1, bn_own)
+        self.conv_low = bottleneck_conv(c_low, n_low, 1, bn_low)
+        self.conv_own = bottleneck_conv(c_in, growth - n_low, 2 if down else 1, bn_own)
 
     def forward(self, x: Tensor, low: Tensor) -> Tensor:
         new = self.conv_own(x)
@@ -144,9 +123,9 @@ class _Block(nn.Module):
         self.layer_channels = [c_in + i * growth for i in range(n_layers + 1)]
         if self.fused:
             n_last = math.floor(c_out * compress)
-            self.conv_last = _conv_bn_relu(low_channels[n_layers], n_last, 1, 1, 0)
+            self.conv_last = conv_bn_relu(low_channels[n_layers], n_last, 1, 1, 0)
             c_out += n_last
-        self.transition = _conv_bn_relu(c_out, math.floor(reduction * c_out), 1, 1, 0) if transition else None
+        self.transition = conv_bn_relu(c_out, math.floor(reduction * c_out), 1, 1, 0) if transition else None
         self.out_channels = math.floor(reduction * c_out) if transition else c_out
 
     def forward(self, x: Tensor, low: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -167,11 +146,7 @@ class _ExitHead(nn.Module):
 
     def __init__(self, c_in: int, inner: int, num_classes: int) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            _conv_bn_relu(c_in, inner, 3, 2, 1),
-            _conv_bn_relu(inner, inner, 3, 2, 1),
-            nn.AvgPool2d(2),
-        )
+        self.features = conv_pool_trunk(c_in, inner)
         self.linear = nn.Linear(inner, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -230,20 +205,13 @@ class RANet(MultiExitModel):
         stem: list[nn.Module] = []
         c_prev = n_channels * gr_factor[-1]
         if imagenet_stem:
-            stem.append(
-                nn.Sequential(
-                    nn.Conv2d(3, c_prev, 7, 2, 3),
-                    nn.BatchNorm2d(c_prev),
-                    nn.ReLU(inplace=True),
-                    nn.MaxPool2d(3, 2, 1),
-                )
-            )
+            stem.append(downsampling_stem(c_prev))
         else:
-            stem.append(_conv_bn_relu(3, c_prev, 3, 1, 1))
+            stem.append(conv_bn_relu(3, c_prev, 3, 1, 1))
         for j in range(n_scales - 2, -1, -1):
             c = n_channels * gr_factor[j]
             stride = 1 if scale_list[j] == scale_list[j + 1] else 2
-            stem.append(_conv_bn_relu(c_prev, c, 3, stride, 1))
+            stem.append(conv_bn_relu(c_prev, c, 3, stride, 1))
             c_prev = c
         self.stem = nn.ModuleList(stem)  # stem[0] makes the highest resolution
 
@@ -337,46 +305,9 @@ class RANet(MultiExitModel):
 
 
 def count_exit_ops_official(model: MultiExitModel, input_size: tuple[int, ...]) -> list[float]:
-    """Cumulative ops at each exit head, counted like MSDNet/RANet's ``op_counter.py``."""
-    total = [0.0]
-    totals: list[float] = []
-
-    def leaf_hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        x = inp[0]
-        if isinstance(mod, nn.Conv2d):
-            total[0] += (
-                mod.in_channels
-                * mod.out_channels
-                * mod.kernel_size[0]
-                * mod.kernel_size[1]
-                * out.shape[2]
-                * out.shape[3]
-                / mod.groups
-            )
-        elif isinstance(mod, nn.ReLU):
-            total[0] += x.numel()
-        elif isinstance(mod, (nn.AvgPool2d, nn.MaxPool2d)):
-            k = mod.kernel_size if isinstance(mod.kernel_size, int) else mod.kernel_size[0]
-            total[0] += out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3] * k * k
-        elif isinstance(mod, nn.Linear):
-            total[0] += x.shape[0] * (mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0))
-
-    def head_hook(_mod: nn.Module, _inp: tuple[Tensor, ...], _out: Tensor) -> None:
-        totals.append(total[0])
-
-    handles = [m.register_forward_hook(leaf_hook) for m in model.modules() if not list(m.children())]
-    handles += [h.register_forward_hook(head_hook) for h in model.exit_heads]
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return totals
+    """Cumulative ops at each exit head, counted like MSDNet/RANet's ``op_counter.py``
+    (whatever ``model.flop_convention`` says)."""
+    return count_exit_flops(model, input_size, convention="op_counter")
 
 
 def _check_tuple(name: str, value: Sequence[int] | str) -> tuple[int, ...]:
