@@ -123,7 +123,7 @@ def _zero_vs_reference(env: DistEnv, stage: int, opt_name: str, steps: int = 3) 
 
 
 def _all_zero_cases(env: DistEnv) -> dict:
-    # one spawn for every case: importing DeepSpeed costs each process ~10 s here
+    # one spawn for every case: importing DeepSpeed is slow in every process
     return {(stage, opt): _zero_vs_reference(env, stage, opt) for stage in (1, 2) for opt in ("sgd", "adamw")}
 
 

@@ -1,5 +1,5 @@
 """bench/gpu_suite.sh in its CPU smoke mode: the script a GPU session runs, end to end
-through the shell wrapper, on the msdnet_cifar cases (tiny batches; ~20 s)."""
+through the shell wrapper, on the msdnet_cifar cases (tiny batches)."""
 
 from __future__ import annotations
 

@@ -151,7 +151,7 @@ class BadDataGuard:
 
 # ------------------------------------------------------------- small stages
 def _seed_of(*parts: int) -> int:
-    """A 32-bit seed from integers, stable across processes (splitmix64 steps; ~1 µs, cheap
+    """A 32-bit seed from integers, stable across processes (splitmix64 steps, cheap
     enough to run per sample)."""
     x = 0x9E3779B97F4A7C15
     for p in parts:
@@ -209,7 +209,7 @@ class _SeededTransform:
             else:
                 s = _seed_of(self.seed, self.index)
                 torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also queues
-                random.seed(s)  # lazy CUDA/XPU/MTIA seeding with a stack trace (~1 ms per call)
+                random.seed(s)  # lazy CUDA/XPU/MTIA seeding with a stack trace (costly per sample)
                 image = self.transform(image)
             self.index += 1
             yield image, label

@@ -2,10 +2,10 @@
 per-member cost of Python's ``tarfile`` taken out.
 
 Why: ``tarfile.open(mode="r|*")`` parses every header field (mode, uid, mtime, …) into a
-``TarInfo`` and reads through a buffering ``_Stream`` in small chunks: about 0.2 ms per
-sample, ~10 % of the whole per-image cost (JPEG decode + RandomResizedCrop) of an
-ImageNet training loader, which made the shard loader slower than ImageFolder's
-one-file-per-image reads (bench/loader.py). Here a header is one 512-byte read, a
+``TarInfo`` and reads through a buffering ``_Stream`` in small chunks: a noticeable share
+of the whole per-image cost (JPEG decode + RandomResizedCrop) of an ImageNet training
+loader, which made the shard loader slower than ImageFolder's one-file-per-image reads
+(bench/loader.py; figures in docs/benchmarks/data.md). Here a header is one 512-byte read, a
 checksum and two slices; the member is one read.
 
 Handled: ustar/GNU/POSIX-pax uncompressed archives (the formats ``webdataset.TarWriter``

@@ -137,8 +137,8 @@ def find_thresholds(
     exit_counts = torch.zeros(num_points, num_exits, dtype=torch.long, device=dev)
     gone = torch.zeros(n, num_points, dtype=torch.bool, device=dev)  # sample-major
     values, orders = conf[: num_exits - 1].sort(dim=1, descending=True)
-    # written with out=: on CPU the implicit-output path of a dtype-changing cumsum was
-    # measured 10x slower than writing into a preallocated buffer
+    # written with out=: on CPU the implicit-output path of a dtype-changing cumsum is much
+    # slower than writing into a preallocated buffer (docs/benchmarks/evaluate.md)
     seen = torch.empty(num_points, n, dtype=torch.int32, device=dev)
     for k in range(num_exits - 1):
         present = gone.index_select(0, orders[k]).logical_not_().T.contiguous()  # [P, n], sorted order

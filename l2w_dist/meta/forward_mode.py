@@ -5,9 +5,7 @@ composite of about a dozen full-size elementwise ops and two reductions, and und
 autocast every one of them runs in float32 (the saved mean / inverse std are float32, so
 type promotion lifts each full-size intermediate). On a BatchNorm-heavy network such as
 MSDNet (110-186 BatchNorms) this, not the convolutions, dominates the JVP forward, and
-it is why the JVP gained nothing from bf16. Measured on CPU, one BatchNorm2d JVP
-(16x32x16x16): 1.6 ms composite vs 0.17 ms fused in bf16 + channels_last (0.35 vs 0.24 ms
-in float32; a plain train-mode BatchNorm forward is 0.05 / 0.17 ms).
+it is why the JVP gained nothing from bf16 (measurements: docs/benchmarks/meta.md).
 
 The fused rule uses that the Jacobian of ``x -> (x - mean(x)) / std(x)`` (per channel,
 batch statistics) is symmetric, so its JVP equals its VJP: with x̂ = (x - μ)·σ⁻¹,

@@ -35,7 +35,7 @@ def virtual_step(
     Without a graph (the jvp engine) SGD parameters are stepped by multi-tensor ops, and
     AdamW parameters too when ``adamw_foreach`` (default: on accelerators, as torch.optim
     does: on a CPU, AdamW's dozen full passes run faster tensor by tensor, while the data is
-    in cache — ViT-S: 450 ms per-parameter vs 617 ms multi-tensor on one core).
+    in cache; docs/benchmarks/meta.md).
     """
     out: dict[str, Tensor] = {}
     if not torch.is_grad_enabled():
