@@ -80,9 +80,8 @@ class MetaConfig(L2WSettings):
     """The L2W step's settings (declared once, in :class:`L2WSettings`) and how the trainer
     runs the weight net around them."""
 
-    enabled: bool = setting(
-        True, free=True
-    )  # False: the plain multi-exit baseline (uniform weights, one step per batch)
+    # False: the plain multi-exit baseline (uniform weights, one step per batch)
+    enabled: bool = setting(True, free=True)
     interval: int = setting(1, at_least(1))  # a meta step every `interval` iterations
     hidden: int = setting(500, at_least(1))  # weight net width
     layers: int = setting(1, at_least(1))  # weight net hidden layers
