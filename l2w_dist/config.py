@@ -3,118 +3,140 @@
     cfg = load_config("configs/demo.yaml", ["optim.lr=0.4", "meta.interval=10"])
 
 Every key is checked before anything runs: an unknown key or a bad value raises
-``ConfigError`` (a ``ValueError``) naming the key and what is allowed.
+``ConfigError`` (a ``ValueError``) naming the key and what is allowed. Each field declares its
+own check beside its default (l2w_dist/utils/settings.py); the ``meta`` section's L2W settings
+are declared once, by the L2W step (l2w_dist/meta/settings.py).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value that is not allowed."""
+from .meta.settings import L2WConfig, L2WSettings
+from .utils.precision import Precision
+from .utils.settings import (
+    NON_EMPTY,
+    Check,
+    ConfigError,
+    SettingError,
+    Settings,
+    above,
+    at_least,
+    each,
+    in_range,
+    one_of,
+    setting,
+)
 
 
 @dataclass
-class ModelConfig:
-    name: str = "msdnet_cifar"
-    options: dict[str, Any] = field(default_factory=dict)  # keyword overrides for create_model
+class ModelConfig(Settings):
+    name: str = setting("msdnet_cifar", NON_EMPTY)  # a name in l2w_dist.models.list_models()
+    options: dict[str, Any] = setting(default_factory=dict, free=True)  # keyword overrides for create_model
 
 
 @dataclass
-class DataConfig:
-    dataset: Literal["fashion-mnist", "cifar", "imagenet"] = "fashion-mnist"
-    spec: str = ""  # JSON sidecar written by tools/make_shards.py; empty: prepare the embedded data
-    root: str = "data/fashion-mnist"  # where the embedded data set's shards are prepared
-    img_size: int = 32
-    holdout: int = 5000  # images held out of training to calibrate budgeted-batch thresholds
-    calibration: Literal["holdout", "train_augmented"] = "holdout"  # train_augmented = released code
-    num_workers: int = 2
-    eval_batch_size: int = 500
-    max_bad_fraction: float = 0.01
+class DataConfig(Settings):
+    dataset: Literal["fashion-mnist", "cifar", "imagenet"] = setting("fashion-mnist")
+    # JSON sidecar written by tools/make_shards.py; empty: prepare the embedded data
+    spec: str = setting("", free=True)
+    root: str = setting("data/fashion-mnist", NON_EMPTY)  # where the embedded data set's shards are prepared
+    img_size: int = setting(32, at_least(8))
+    holdout: int = setting(5000, at_least(0))  # images held out of training to calibrate budgeted-batch thresholds
+    calibration: Literal["holdout", "train_augmented"] = setting("holdout")  # train_augmented = released code
+    num_workers: int = setting(2, at_least(0))
+    eval_batch_size: int = setting(500, at_least(1))
+    max_bad_fraction: float = setting(0.01, in_range(0, 1, include_high=True))
     # "device": loaders yield uint8 images and the model normalises them on its device (4x fewer
     # bytes per batch through shared memory, pinning and H2D; less loader CPU) — for GPU runs
-    normalize_on: Literal["loader", "device"] = "loader"
+    normalize_on: Literal["loader", "device"] = setting("loader")
 
 
 @dataclass
-class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1  # at batch `lr_reference_batch` (scaled linearly with the global batch)
-    lr_reference_batch: int = 0  # 0: no scaling, `lr` is used as given
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    grad_clip: float = 0.0  # max global grad norm; 0 disables
-    label_smoothing: float = 0.0
+class OptimConfig(Settings):
+    name: Literal["sgd", "adamw"] = setting("sgd")
+    lr: float = setting(0.1, above(0))  # at batch `lr_reference_batch` (scaled linearly with the global batch)
+    lr_reference_batch: int = setting(0, at_least(0))  # 0: no scaling, `lr` is used as given
+    momentum: float = setting(0.9, in_range(0, 1))
+    nesterov: bool = setting(False, free=True)
+    weight_decay: float = setting(1e-4, at_least(0))
+    betas: tuple[float, float] = setting((0.9, 0.999), each(in_range(0, 1)))
+    eps: float = setting(1e-8, above(0))
+    warmup_steps: int = setting(0, at_least(0))
+    min_lr: float = setting(0.0, at_least(0))
+    grad_clip: float = setting(0.0, at_least(0))  # max global grad norm; 0 disables
+    label_smoothing: float = setting(0.0, in_range(0, 1))  # the train loss's; the L2W step receives it
 
 
 @dataclass
-class MetaConfig:
-    enabled: bool = True  # False: the plain multi-exit baseline (uniform weights, one step per batch)
-    epsilon: float = 0.8
-    constraint: Literal["mat", "col", "row"] = "col"
-    input: Literal["loss", "conf", "both"] = "loss"
-    target_p_index: int = 15
-    hypergrad: Literal["jvp", "autograd"] = "jvp"
-    sync: Literal["global", "local"] = "global"
-    real_weights: Literal["updated", "pre_update"] = "updated"
-    interval: int = 1
-    hidden: int = 500
-    layers: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
+class MetaConfig(L2WSettings):
+    """The L2W step's settings (declared once, in :class:`L2WSettings`) and how the trainer
+    runs the weight net around them."""
+
+    # False: the plain multi-exit baseline (uniform weights, one step per batch)
+    enabled: bool = setting(True, free=True)
+    interval: int = setting(1, at_least(1))  # a meta step every `interval` iterations
+    hidden: int = setting(500, at_least(1))  # weight net width
+    layers: int = setting(1, at_least(1))  # weight net hidden layers
+    lr: float = setting(1e-4, above(0))  # the weight net's Adam
+    weight_decay: float = setting(1e-4, at_least(0))
+
+    def l2w(self, label_smoothing: float) -> L2WConfig:
+        """The L2W step's config: this section's L2W settings and the train loss's label smoothing."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(L2WSettings)}
+        return L2WConfig(**shared, label_smoothing=label_smoothing)
 
 
 @dataclass
-class TrainConfig:
-    epochs: float = 1.0
-    batch_size: int = 64  # global batch (all ranks) per loader step; halves are train / meta
-    max_steps: int = 0  # stop after this many iterations (0: run all epochs)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the plain (non-meta) forward: baseline steps and evaluation
-    ema_decay: float = 0.0  # 0 disables the EMA of model weights
-    log_every: int = 20
-    ckpt_every: int = 0  # periodic checkpoint every N iterations (kept as step_N.pt); 0: off
-    keep_best: int = 1  # best-k checkpoints by the final exit's held-out top-1 at epoch ends
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+class TrainConfig(Settings):
+    epochs: float = setting(1.0, above(0))
+    # global batch (all ranks) per loader step; halves are train / meta
+    batch_size: int = setting(64, Check(lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2 (the batch is halved)"))
+    max_steps: int = setting(0, at_least(0))  # stop after this many iterations (0: run all epochs)
+    seed: int = setting(0, Check(lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"))
+    device: Literal["auto", "cpu", "cuda"] = setting("auto")
+    precision: Precision = setting("fp32")
+    channels_last: bool = setting(False, free=True)
+    # torch.compile the plain (non-meta) forward: baseline steps and evaluation
+    compile: bool = setting(False, free=True)
+    ema_decay: float = setting(0.0, in_range(0, 1))  # 0 disables the EMA of model weights
+    log_every: int = setting(20, at_least(1))
+    ckpt_every: int = setting(0, at_least(0))  # periodic checkpoint every N iterations (kept as step_N.pt); 0: off
+    keep_best: int = setting(1, at_least(0))  # best-k checkpoints by the final exit's held-out top-1 at epoch ends
+    threads: int = setting(0, at_least(0))  # torch CPU threads; 0 leaves torch's default
 
 
 @dataclass
-class DistConfig:
-    backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"  # auto: ddp when WORLD_SIZE > 1
-    zero_stage: int = 0
-    sync_batchnorm: bool = False
+class DistConfig(Settings):
+    backend: Literal["auto", "none", "ddp", "deepspeed"] = setting("auto")  # auto: ddp when WORLD_SIZE > 1
+    zero_stage: int = setting(0, one_of(0, 1, 2, 3))
+    sync_batchnorm: bool = setting(False, free=True)
 
 
 @dataclass
-class WandbConfig:
-    mode: Literal["disabled", "offline", "online"] = "disabled"
-    project: str = "l2w_dist"
-    entity: str = ""
-    name: str = ""
-    tags: list[str] = field(default_factory=list)
+class WandbConfig(Settings):
+    mode: Literal["disabled", "offline", "online"] = setting("disabled")
+    project: str = setting("l2w_dist", NON_EMPTY)
+    entity: str = setting("", free=True)  # empty: the account's default entity
+    name: str = setting("", free=True)  # empty: a name wandb makes up
+    # wandb refuses tags outside 1..64 characters
+    tags: list[str] = setting(
+        default_factory=list, check=each(Check(lambda t: 1 <= len(t) <= 64, "a string of 1..64 characters"))
+    )
 
 
 @dataclass
-class EvalConfig:
-    enabled: bool = True
-    every_epochs: int = 1  # held-out anytime accuracy for best-k checkpoints; 0: only at the end
+class EvalConfig(Settings):
+    enabled: bool = setting(True, free=True)
+    # held-out anytime accuracy for best-k checkpoints; 0: only at the end
+    every_epochs: int = setting(1, at_least(0))
 
 
 @dataclass
@@ -130,34 +152,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
-
-
-# Checks beyond types: (predicate, description of what is allowed).
-_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "optim.lr": (lambda v: v > 0, "a positive number"),
-    "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "optim.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "optim.grad_clip": (lambda v: v >= 0, "a number >= 0"),
-    "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "meta.epsilon": (lambda v: v >= 0, "a number >= 0"),
-    "meta.target_p_index": (lambda v: 1 <= v <= 39, "an integer in 1..39 (p = index / 20)"),
-    "meta.interval": (lambda v: v >= 1, "an integer >= 1"),
-    "meta.hidden": (lambda v: v >= 1, "an integer >= 1"),
-    "meta.layers": (lambda v: v >= 1, "an integer >= 1"),
-    "meta.lr": (lambda v: v > 0, "a positive number"),
-    "train.epochs": (lambda v: v > 0, "a positive number"),
-    "train.batch_size": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2 (the batch is halved)"),
-    "train.max_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "train.ema_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
-    "train.keep_best": (lambda v: v >= 0, "an integer >= 0"),
-    "dist.zero_stage": (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
-    "data.img_size": (lambda v: v >= 8, "an integer >= 8"),
-    "data.holdout": (lambda v: v >= 0, "an integer >= 0"),
-    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
-    "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-}
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -206,83 +200,28 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """``cls`` from the mapping ``raw``: sections built recursively, values converted and
+    checked by the section's own settings (errors re-keyed with the dotted ``prefix``)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]} in {where}; allowed: {sorted(fields)}")
+        raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]} in {where}; allowed: {sorted(names)}")
     values = {}
     for name, value in raw.items():
-        key = prefix + name
-        typ = hints[name]
-        if dataclasses.is_dataclass(typ):
-            values[name] = _build(typ, value, key + ".")
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], value, prefix + name + ".")
         else:
-            values[name] = _check_value(key, typ, value)
-    obj = cls(**values)
-    for name in fields:
-        key = prefix + name
-        if key in _RANGES:
-            ok, allowed = _RANGES[key]
-            if not ok(getattr(obj, name)):
-                raise ConfigError(f"{key}={getattr(obj, name)!r} is not allowed; expected {allowed}")
-    return obj
-
-
-def _check_value(key: str, typ: Any, value: Any) -> Any:
-    origin, args = get_origin(typ), get_args(typ)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(args)}")
-        return value
-    if origin in (Union, types.UnionType):
-        for arg in args:
-            try:
-                return _check_value(key, arg, value)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {typ}")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r} must be an integer")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}={value!r} must be a string")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}={value!r} must be a list of {len(args)} values")
-        return tuple(_check_value(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
-        return [_check_value(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} must be a mapping")
-        return dict(value)
-    return value
+            values[name] = value
+    try:
+        return cls(**values)
+    except SettingError as err:
+        raise err.under(prefix) from None
 
 
 def _to_plain(obj: Any) -> Any:

@@ -24,7 +24,7 @@ def test_bf16_autocast_around_an_iteration_uses_the_updated_weights(real_weights
     must still see θ after the first half step's update (as if each ran in its own context)."""
     torch.manual_seed(1)
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
-    cfg = L2WConfig(real_weights=real_weights)
+    cfg = L2WConfig(epsilon=0.3, constraint="mat", real_weights=real_weights)
     runs = []
     for one_context in (True, False):
         model, wnet, opt, mopt = _setup()

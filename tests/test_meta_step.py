@@ -29,6 +29,8 @@ from tests.meta_helpers import (
 )
 
 OPTIMIZERS = ["sgd", "momentum", "nesterov", "adamw"]
+# The paper's ImageNet setting: what the tests that do not choose their own ε and constraint run.
+IMAGENET = {"epsilon": 0.3, "constraint": "mat"}
 
 
 @pytest.fixture
@@ -147,7 +149,7 @@ def test_batchnorm_stats_equal_a_plain_step(f64, engine, real_weights):
     """(d) running statistics after a half step = after one plain train-mode forward on the same data."""
     model, wnet, opt, mopt, x, y = _setup("bn", "momentum")
     plain = copy.deepcopy(model)
-    cfg = L2WConfig(hypergrad=engine, real_weights=real_weights)
+    cfg = L2WConfig(**IMAGENET, hypergrad=engine, real_weights=real_weights)
     l2w_half_step(model, wnet, opt, mopt, train=(x[:8], y[:8]), meta=(x[8:], y[8:]), cfg=cfg)
     plain(x[:8])
     stats = {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
@@ -229,7 +231,7 @@ def test_conf_inputs_jvp_equals_autograd(f64, wpn_input):
         model, _, opt, mopt, x, y = _setup("bn", "adamw")
         wnet = WeightNet(3, hidden=7, input=wpn_input)
         mopt = torch.optim.SGD(wnet.parameters(), lr=0.5)
-        cfg = L2WConfig(input=wpn_input, hypergrad=engine, label_smoothing=0.1)
+        cfg = L2WConfig(**IMAGENET, input=wpn_input, hypergrad=engine, label_smoothing=0.1)
         stats = l2w_iteration(model, wnet, opt, mopt, x, y, cfg)
         results.append(_snapshot(model, wnet))
     assert max_rel_diff(results[0], results[1]) <= 1e-9
@@ -242,7 +244,7 @@ def test_do_meta_false_is_a_weighted_plain_step(f64):
     model, wnet, opt, mopt, x, y = _setup("nobn", "sgd")
     phi = [p.detach().clone() for p in wnet.parameters()]
     stats = l2w_half_step(
-        model, wnet, opt, mopt, train=(x[:8], y[:8]), meta=(x[8:], y[8:]), cfg=L2WConfig(), do_meta=False
+        model, wnet, opt, mopt, train=(x[:8], y[:8]), meta=(x[8:], y[8:]), cfg=L2WConfig(**IMAGENET), do_meta=False
     )
     assert all(torch.equal(a, b) for a, b in zip(phi, wnet.parameters()))
     assert stats["meta_loss"] != stats["meta_loss"]  # NaN: no meta step
@@ -254,7 +256,7 @@ def test_bf16_autocast_smoke():
     opt = make_optimizer("momentum", model.parameters())
     mopt = torch.optim.Adam(wnet.parameters(), lr=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stats = l2w_iteration(model, wnet, opt, mopt, x.float(), y, L2WConfig())
+        stats = l2w_iteration(model, wnet, opt, mopt, x.float(), y, L2WConfig(**IMAGENET))
     assert all(v == v for v in stats.values()), stats  # finite, no NaN
 
 
@@ -280,11 +282,17 @@ def test_op_without_forward_ad_points_to_autograd(f64):
     opt, mopt = make_optimizer("sgd", model.parameters()), torch.optim.SGD(wnet.parameters(), lr=0.1)
     x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
     with pytest.raises(NotImplementedError, match="hypergrad='autograd'") as info:
-        l2w_half_step(model, wnet, opt, mopt, train=(x[:4], y[:4]), meta=(x[4:], y[4:]), cfg=L2WConfig())
+        l2w_half_step(model, wnet, opt, mopt, train=(x[:4], y[:4]), meta=(x[4:], y[4:]), cfg=L2WConfig(**IMAGENET))
     assert "_NoForwardAD" in str(info.value)
     # and the autograd engine handles it
     l2w_half_step(
-        model, wnet, opt, mopt, train=(x[:4], y[:4]), meta=(x[4:], y[4:]), cfg=L2WConfig(hypergrad="autograd")
+        model,
+        wnet,
+        opt,
+        mopt,
+        train=(x[:4], y[:4]),
+        meta=(x[4:], y[4:]),
+        cfg=L2WConfig(**IMAGENET, hypergrad="autograd"),
     )
 
 
@@ -292,7 +300,7 @@ def test_unsupported_optimizer_is_refused():
     model, wnet, _, mopt, x, y = _setup("nobn", "sgd")
     opt = torch.optim.RMSprop(model.parameters())
     with pytest.raises(ValueError, match="RMSprop"):
-        l2w_half_step(model, wnet, opt, mopt, train=(x[:8], y[:8]), meta=(x[8:], y[8:]), cfg=L2WConfig())
+        l2w_half_step(model, wnet, opt, mopt, train=(x[:8], y[:8]), meta=(x[8:], y[8:]), cfg=L2WConfig(**IMAGENET))
 
 
 @pytest.mark.parametrize("opt_kind", [pytest.param("nesterov", marks=pytest.mark.slow), "adamw"])
@@ -345,24 +353,26 @@ def test_any_real_update_is_accepted_and_pre_update_needs_step_with_grads(f64):
     results = []
     for wrap in (lambda o: o, _MinimalRealUpdate):
         model, wnet, opt, mopt, x, y = _setup("nobn", "adamw")
-        l2w_iteration(model, wnet, wrap(opt), mopt, x, y, L2WConfig(constraint="row"))
+        l2w_iteration(model, wnet, wrap(opt), mopt, x, y, L2WConfig(epsilon=0.3, constraint="row"))
         results.append(_snapshot(model, wnet))
     assert max_rel_diff(results[0], results[1]) == 0.0
     model, wnet, opt, mopt, x, y = _setup("nobn", "sgd")
     with pytest.raises(ValueError, match="step_with_grads"):
-        l2w_iteration(model, wnet, _MinimalRealUpdate(opt), mopt, x, y, L2WConfig(real_weights="pre_update"))
+        l2w_iteration(
+            model, wnet, _MinimalRealUpdate(opt), mopt, x, y, L2WConfig(**IMAGENET, real_weights="pre_update")
+        )
 
 
 def test_meta_interval_skips_the_meta_step(f64):
     model, wnet, opt, mopt, x, y = _setup("nobn", "sgd")
     phi = [p.detach().clone() for p in wnet.parameters()]
-    stats = l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(), step=3, meta_interval=2)
+    stats = l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(**IMAGENET), step=3, meta_interval=2)
     assert all(torch.equal(a, b) for a, b in zip(phi, wnet.parameters()))
     assert stats["meta_loss"] != stats["meta_loss"]
-    l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(), step=4, meta_interval=2)
+    l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(**IMAGENET), step=4, meta_interval=2)
     assert not all(torch.equal(a, b) for a, b in zip(phi, wnet.parameters()))
     with pytest.raises(ValueError, match="meta_interval"):
-        l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(), meta_interval=0)
+        l2w_iteration(model, wnet, opt, mopt, x, y, L2WConfig(**IMAGENET), meta_interval=0)
 
 
 @pytest.mark.parametrize("opt_kind", ["momentum", "adamw"])
@@ -452,9 +462,9 @@ def test_pre_update_does_not_reuse_when_the_real_step_differs(f64):
     from l2w_dist.meta.l2w import _lands_on_virtual_step
 
     model, wnet, opt, mopt, x, y = _setup("bn", "momentum")
-    pre = L2WConfig(real_weights="pre_update")
+    pre = L2WConfig(**IMAGENET, real_weights="pre_update")
     assert _lands_on_virtual_step(opt, pre, None)
     assert _lands_on_virtual_step(TorchOptimizerUpdate(opt), pre, None)
     assert not _lands_on_virtual_step(TorchOptimizerUpdate(opt, grad_clip_norm=1.0), pre, None)
-    assert not _lands_on_virtual_step(opt, L2WConfig(real_weights="updated"), None)
-    assert not _lands_on_virtual_step(opt, L2WConfig(real_weights="pre_update", hypergrad="autograd"), None)
+    assert not _lands_on_virtual_step(opt, L2WConfig(**IMAGENET, real_weights="updated"), None)
+    assert not _lands_on_virtual_step(opt, L2WConfig(**IMAGENET, real_weights="pre_update", hypergrad="autograd"), None)

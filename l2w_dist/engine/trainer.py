@@ -30,7 +30,7 @@ from ..data import (
 )
 from ..distributed import DistEnv, build_backend
 from ..evaluate import anytime, budgeted, collect_logits, plot_curves, write_eval_json
-from ..meta import L2WConfig, WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
+from ..meta import WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
 from ..models import create_model
 from ..utils import autocast
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
@@ -89,16 +89,7 @@ class TrainingJob:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.backend.module, decay=tc.ema_decay)
-        self.l2w_cfg = L2WConfig(
-            epsilon=cfg.meta.epsilon,
-            constraint=cfg.meta.constraint,
-            input=cfg.meta.input,
-            target_p_index=cfg.meta.target_p_index,
-            hypergrad=cfg.meta.hypergrad,
-            sync=cfg.meta.sync,
-            real_weights=cfg.meta.real_weights,
-            label_smoothing=cfg.optim.label_smoothing,
-        )
+        self.l2w_cfg = cfg.meta.l2w(label_smoothing=cfg.optim.label_smoothing)
 
         # Data. ----------------------------------------------------------------------------
         self.data_spec = resolve_data_spec(cfg, env)

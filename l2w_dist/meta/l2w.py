@@ -46,51 +46,10 @@ from torch.func import functional_call
 from .allocation import _to_device, allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
 from .collectives import Collectives, default_collectives
 from .forward_mode import FusedBatchNormJVP
+from .settings import L2WConfig
 from .update import RealUpdate, TorchOptimizerUpdate
 from .virtual_step import step_derivative, virtual_step
-from .weight_net import CONSTRAINTS, WPN_INPUTS, normalize_weights, wpn_features
-
-HYPERGRADS = ("jvp", "autograd", "finite_difference")
-SYNCS = ("global", "local")
-REAL_WEIGHTS = ("updated", "pre_update")
-
-
-@dataclass
-class L2WConfig:
-    """What the L2W step does; paper settings: ImageNet ε=0.3 ``mat``, CIFAR ε=0.8 ``col``."""
-
-    epsilon: float = 0.3
-    constraint: str = "mat"  # mat | col | row
-    input: str = "loss"  # loss | conf | both
-    target_p_index: int = 15  # p = target_p_index / 20
-    hypergrad: str = "jvp"  # jvp | autograd | finite_difference
-    sync: str = "global"  # global | local
-    real_weights: str = "updated"  # updated | pre_update
-    label_smoothing: float = 0.0
-    fd_step: float = 1e-3  # finite_difference: L2 norm of the perturbation of θ
-
-    def __post_init__(self) -> None:
-        for field, value, allowed in (
-            ("constraint", self.constraint, CONSTRAINTS),
-            ("input", self.input, WPN_INPUTS),
-            ("hypergrad", self.hypergrad, HYPERGRADS),
-            ("sync", self.sync, SYNCS),
-            ("real_weights", self.real_weights, REAL_WEIGHTS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"L2WConfig.{field}={value!r} is not one of {allowed}")
-        if not (isinstance(self.epsilon, (int, float)) and self.epsilon >= 0):
-            raise ValueError(f"L2WConfig.epsilon={self.epsilon!r} must be a number >= 0")
-        if not (isinstance(self.target_p_index, int) and 1 <= self.target_p_index <= 39):
-            raise ValueError(f"L2WConfig.target_p_index={self.target_p_index!r} must be an int in 1..39")
-        if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
-            raise ValueError(f"L2WConfig.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
-        if not (isinstance(self.fd_step, (int, float)) and self.fd_step > 0):
-            raise ValueError(f"L2WConfig.fd_step={self.fd_step!r} must be a number > 0")
-
-    @property
-    def p(self) -> float:
-        return self.target_p_index / 20
+from .weight_net import normalize_weights, wpn_features
 
 
 def l2w_half_step(

@@ -12,9 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .collectives import Collectives
-
-WPN_INPUTS = ("loss", "conf", "both")
-CONSTRAINTS = ("mat", "col", "row")
+from .settings import CONSTRAINTS, WPN_INPUTS
 
 
 class WeightNet(nn.Module):
