@@ -37,7 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "l2w-train=l2w_dist.train:main",
-            "l2w-eval=l2w_dist.evaluate.cli:main",
+            "l2w-eval=l2w_dist.validate:main",
         ]
     },
 )

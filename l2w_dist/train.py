@@ -35,6 +35,7 @@ def run_training(
 
     from .distributed import cleanup, init_distributed
     from .engine.trainer import TrainingJob
+    from .evaluate import print_anytime_table
 
     run_dir = Path(output)
     env = init_distributed()
@@ -59,18 +60,6 @@ def run_training(
     finally:
         cleanup()
     return result
-
-
-def print_anytime_table(result: dict[str, Any]) -> None:
-    print("\n| exit | MFLOPs | top-1 % | top-5 % |\n|---:|---:|---:|---:|")
-    for row in result["anytime"]:
-        print(f"| {row['exit']} | {row['flops'] / 1e6:.1f} | {row['top1']:.2f} | {row['top5']:.2f} |")
-    best = max(result["budgeted"], key=lambda r: r["top1"]) if result.get("budgeted") else None
-    if best:
-        print(
-            f"budgeted batch: {len(result['budgeted'])} points, best top-1 {best['top1']:.2f}% "
-            f"at {best['flops'] / 1e6:.1f} MFLOPs"
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from l2w_dist.data import ReseededLoader
 from l2w_dist.evaluate import (
     DEFAULT_PS,
     anytime,
@@ -274,6 +276,35 @@ def test_collect_logits_and_evaluate_model(tmp_path):
     assert len(record["budgeted"]) == 39
     path = write_eval_json(tmp_path / "run" / "eval.json", record["anytime"], record["budgeted"])
     assert load_eval_json(tmp_path / "run") == json.loads(path.read_text())
+
+
+def test_reseeded_loader_repeats_its_draws_and_leaves_the_callers_random_state_alone():
+    """The train_augmented calibration loader: every pass draws the same augmentation, whatever
+    the caller draws between batches, and the caller's own stream goes on as if it were not there."""
+
+    class Draws:  # stands in for a loader whose transforms draw from the global generators
+        def __iter__(self):
+            for _ in range(3):
+                yield torch.rand(2), random.random()
+
+    def caller_pass(loader) -> tuple[list, torch.Tensor, float]:
+        torch.manual_seed(0)
+        random.seed(0)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            torch.rand(5), random.random()  # the caller's own draws between batches
+        return batches, torch.rand(1), random.random()
+
+    loader = ReseededLoader(Draws(), seed=7)
+    first, caller_torch, caller_python = caller_pass(loader)
+    second = caller_pass(loader)[0]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[0][0], first[1][0])  # a stream, not one draw repeated
+    without_loader = caller_pass([None] * 3)
+    assert torch.equal(caller_torch, without_loader[1]) and caller_python == without_loader[2]
+    torch.manual_seed(7)
+    assert torch.equal(first[0][0], torch.rand(2))  # the stream starts from the seed
 
 
 def test_eval_json_schema_and_atomic_write(tmp_path):

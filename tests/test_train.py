@@ -1,5 +1,5 @@
 """The training job end to end on a tiny synthetic data set: exact resume, NaN handling,
-config errors, W&B offline logging, eval.json and l2w-eval."""
+config errors, W&B offline logging, eval.json and l2w-eval (the trainer's eval.json again)."""
 
 import json
 import os
@@ -163,6 +163,19 @@ def test_cli_rejects_bad_config_before_running(tmp_path):
     assert not out.exists()
 
 
+def test_l2w_eval_module_reports_a_missing_checkpoint(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "l2w_dist.validate", "--checkpoint", str(tmp_path / "none.pt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"l2w-eval: no checkpoint at {tmp_path / 'none.pt'}" in proc.stderr
+
+
 def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
     run_dir = tmp_path / "run"
     result = run_training(
@@ -209,11 +222,27 @@ def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
     assert final_state(run_dir)["wandb_id"] == runs[0].name.rsplit("-", 1)[-1]
 
     # l2w-eval on the checkpoint reproduces the anytime table.
-    from l2w_dist.evaluate.cli import evaluate_checkpoint
+    from l2w_dist.validate import evaluate_checkpoint
 
     again = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt", tmp_path / "re_eval")
     assert again["anytime"] == saved["anytime"]
     assert json.loads((tmp_path / "re_eval" / "eval.json").read_text())["anytime"] == saved["anytime"]
+
+
+@pytest.mark.parametrize("calibration", ["holdout", "train_augmented"])
+def test_l2w_eval_writes_the_trainers_eval_json(tmp_path, tiny_spec, calibration):
+    """l2w-eval on the final checkpoint writes the eval.json the trainer wrote, for either
+    calibration split (train_augmented: the same augmented training images on both sides)."""
+    run_dir = tmp_path / "run"
+    extra = {"data.calibration": calibration, "train.max_steps": 3, "train.ema_decay": 0.5, "meta.enabled": False}
+    assert run_training(None, run_dir, overrides(tiny_spec, **extra))["status"] == "finished"
+    from l2w_dist.validate import main as l2w_eval
+
+    l2w_eval(["--checkpoint", str(run_dir / "checkpoints" / "last.pt"), "--output", str(tmp_path / "again")])
+    trained = json.loads((run_dir / "eval.json").read_text())
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    assert len(again["budgeted"]) == 39
+    assert again == trained
 
 
 def test_trainer_options_bf16_channels_last_ema_clip_warmup_periodic(tmp_path, tiny_spec):

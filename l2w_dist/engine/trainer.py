@@ -21,15 +21,15 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data import (
-    attach_input_normalizer,
-    build_eval_loader,
+    attach_device_normalization,
     build_train_loader,
     build_transforms,
-    dataset_info,
-    prepare_fashion_mnist,
+    eval_loader,
+    loader_normalization,
+    resolve_data_spec,
 )
 from ..distributed import DistEnv, build_backend
-from ..evaluate import anytime, budgeted, collect_logits, plot_curves, write_eval_json
+from ..evaluate import anytime, collect_logits, evaluate_run
 from ..meta import WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
 from ..models import create_model
 from ..utils import autocast
@@ -247,18 +247,17 @@ class TrainingJob:
         return normalize_weights(self.weight_net(features.float()), self.cfg.meta.epsilon, self.cfg.meta.constraint)
 
     # Evaluation ---------------------------------------------------------------------------
-    def eval_model(self) -> torch.nn.Module:
-        model = self.ema.module if self.ema is not None else self.backend.module
-        return torch.compile(model) if self.cfg.train.compile else model
-
-    def _logits(self, split: str, train_transform: bool = False):
-        with self._autocast():
-            loader = eval_loader(self.cfg, self.env, self.data_spec, split, train_transform)
-            return collect_logits(self.eval_model(), loader, self.device)
+    def eval_module(self) -> torch.nn.Module:
+        """The network evaluated: the EMA copy when the run keeps one."""
+        return self.ema.module if self.ema is not None else self.backend.module
 
     def epoch_eval(self) -> None:
         """Held-out anytime accuracy at an epoch end; keeps the best-k checkpoints by the last exit."""
-        logits, labels = self._logits("holdout")
+        model = self.eval_module()
+        model = torch.compile(model) if self.cfg.train.compile else model
+        with self._autocast():
+            loader = eval_loader(self.cfg, self.env, self.data_spec, "holdout")
+            logits, labels = collect_logits(model, loader, self.device)
         rows = anytime(logits, labels, self.exit_flops)
         self.logger.log({f"holdout/top1_exit{r['exit']}": r["top1"] for r in rows}, self.step)
         state = self.state_dict()  # on every rank: gathering a sharded optimizer state is collective
@@ -266,19 +265,10 @@ class TrainingJob:
             self.ckpt.consider_best(state, rows[-1]["top1"], self.step)
 
     def evaluate(self) -> dict[str, Any]:
-        """Anytime + budgeted batch on the test split; thresholds from the held-out split."""
-        if self.cfg.data.calibration == "holdout":
-            cal_logits, cal_labels = self._logits("holdout")
-        else:  # the released code's choice: training images with training augmentation
-            cal_logits, cal_labels = self._logits("train", train_transform=True)
-        test_logits, test_labels = self._logits("test")
-        result = {
-            "anytime": anytime(test_logits, test_labels, self.exit_flops),
-            "budgeted": budgeted(cal_logits, cal_labels, test_logits, test_labels, self.exit_flops),
-        }
+        """The run's final evaluation (:func:`~l2w_dist.evaluate.evaluate_run`, as l2w-eval does
+        it), written to the run folder and logged."""
+        result = evaluate_run(self.eval_module(), self.cfg, self.env, self.data_spec, self.run_dir)
         if self.env.rank == 0:
-            write_eval_json(self.run_dir / "eval.json", result["anytime"], result["budgeted"])
-            plot_curves({self.run_dir.name: result}, self.run_dir / "curve.png")
             self.logger.log_eval(result, self.step)
         return result
 
@@ -355,48 +345,3 @@ class TrainingJob:
 
     def close(self) -> None:
         self.logger.close()
-
-
-def resolve_data_spec(cfg: Config, env: DistEnv) -> str:
-    """The data set's JSON sidecar; the embedded Fashion-MNIST is prepared on first use (by rank 0)."""
-    if cfg.data.spec:
-        return cfg.data.spec
-    if cfg.data.dataset != "fashion-mnist":
-        raise ValueError(
-            f"data.spec is empty: set it to the JSON sidecar written by tools/make_shards.py for "
-            f"data.dataset={cfg.data.dataset!r} (only fashion-mnist is prepared automatically)"
-        )
-    if env.rank == 0:
-        prepare_fashion_mnist(cfg.data.root, holdout=cfg.data.holdout, seed=cfg.train.seed)
-    if env.world_size > 1:
-        torch.distributed.barrier()
-    return str(prepare_fashion_mnist(cfg.data.root, holdout=cfg.data.holdout, seed=cfg.train.seed))
-
-
-def eval_loader(cfg: Config, env: DistEnv, spec: str, split: str, train_transform: bool = False):
-    """Exact-mode loader over one split (every sample once across ranks), eval transforms by default."""
-    return build_eval_loader(
-        spec,
-        split,
-        batch_size=cfg.data.eval_batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        num_workers=cfg.data.num_workers,
-        normalize=loader_normalization(cfg),
-        transform=build_transforms(cfg.data.dataset, train_transform, cfg.data.img_size, normalize=False),
-    )
-
-
-def attach_device_normalization(model: torch.nn.Module, cfg: Config) -> None:
-    """With ``data.normalize_on=device`` the loaders yield uint8 images: the model normalises them."""
-    if cfg.data.normalize_on == "device":
-        attach_input_normalizer(model, cfg.data.dataset)
-
-
-def loader_normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """(mean, std) for the loaders to normalise the uint8 images into each batch (one pass, in
-    the batch's shared memory), or None when the model normalises on its device."""
-    if cfg.data.normalize_on != "loader":
-        return None
-    info = dataset_info(cfg.data.dataset)
-    return info.mean, info.std

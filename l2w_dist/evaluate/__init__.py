@@ -5,6 +5,8 @@ rows = anytime(logits, labels, model.exit_flops)
 curve = budgeted(h_logits, h_labels, logits, labels, model.exit_flops)
 write_eval_json(run_dir / "eval.json", rows, curve)
 plot_curves({"L2W": load_eval_json(run_dir)}, run_dir / "curve.png")
+
+or, as the trainer and l2w-eval evaluate a run: evaluate_run(model, cfg, env, data_spec, run_dir).
 """
 
 from .collect import collect_logits
@@ -23,7 +25,8 @@ from .metrics import (
 )
 from .plots import plot_curves
 from .references import REFERENCES, load_reference
-from .results import evaluate_model, load_eval_json, write_eval_json
+from .results import load_eval_json, print_anytime_table, write_eval_json
+from .run import evaluate_model, evaluate_run
 
 __all__ = [
     "DEFAULT_PS",
@@ -36,11 +39,13 @@ __all__ = [
     "collect_logits",
     "confidence_and_prediction",
     "evaluate_model",
+    "evaluate_run",
     "exit_assignment",
     "find_thresholds",
     "load_eval_json",
     "load_reference",
     "plot_curves",
+    "print_anytime_table",
     "target_counts",
     "target_proportions",
     "write_eval_json",

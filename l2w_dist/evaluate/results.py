@@ -1,4 +1,4 @@
-"""eval.json (the run's evaluation record) and the one-call evaluation of a model."""
+"""eval.json (the run's evaluation record): written, read back, printed."""
 
 from __future__ import annotations
 
@@ -7,12 +7,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from ..utils import atomic_write_json
-from .collect import collect_logits
-from .metrics import anytime, budgeted
 
 ANYTIME_KEYS = ("exit", "flops", "top1", "top5")
 BUDGETED_KEYS = ("p", "flops", "top1")
@@ -62,24 +57,14 @@ def load_eval_json(path: str | os.PathLike) -> dict:
     }
 
 
-def evaluate_model(
-    model: nn.Module,
-    holdout_loader: Iterable,
-    test_loader: Iterable,
-    device: torch.device | str,
-    exit_flops: Sequence[float],
-    amp_dtype: torch.dtype | None = None,
-    ps: Sequence[float] | None = None,
-) -> dict:
-    """Anytime on the test split and budgeted batch calibrated on the held-out split.
-
-    Returns ``{"anytime": [...], "budgeted": [...]}`` (the eval.json record). In a
-    distributed job every rank must call it (the logits are all-gathered) and every rank
-    gets the same record; write it on rank 0.
-    """
-    holdout_logits, holdout_labels = collect_logits(model, holdout_loader, device, amp_dtype)
-    test_logits, test_labels = collect_logits(model, test_loader, device, amp_dtype)
-    return {
-        "anytime": anytime(test_logits, test_labels, exit_flops),
-        "budgeted": budgeted(holdout_logits, holdout_labels, test_logits, test_labels, exit_flops, ps),
-    }
+def print_anytime_table(record: dict) -> None:
+    """Print an eval record's anytime rows as a Markdown table and its best budgeted point."""
+    print("\n| exit | MFLOPs | top-1 % | top-5 % |\n|---:|---:|---:|---:|")
+    for row in record["anytime"]:
+        print(f"| {row['exit']} | {row['flops'] / 1e6:.1f} | {row['top1']:.2f} | {row['top5']:.2f} |")
+    best = max(record["budgeted"], key=lambda r: r["top1"]) if record.get("budgeted") else None
+    if best:
+        print(
+            f"budgeted batch: {len(record['budgeted'])} points, best top-1 {best['top1']:.2f}% "
+            f"at {best['flops'] / 1e6:.1f} MFLOPs"
+        )

@@ -1,0 +1,74 @@
+"""Evaluating a model: on two given loaders (``evaluate_model``), or as a run is evaluated
+(``evaluate_run``, the one routine behind both the trainer's final evaluation and ``l2w-eval``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import calibration_loader, eval_loader
+from ..utils import autocast
+from .collect import collect_logits
+from .metrics import anytime, budgeted
+from .plots import plot_curves
+from .results import write_eval_json
+
+if TYPE_CHECKING:
+    from ..distributed import DistEnv
+
+
+def evaluate_model(
+    model: nn.Module,
+    calibration_loader: Iterable,
+    test_loader: Iterable,
+    device: torch.device | str,
+    exit_flops: Sequence[float],
+    amp_dtype: torch.dtype | None = None,
+    ps: Sequence[float] | None = None,
+) -> dict:
+    """Anytime on the test split and budgeted batch with thresholds calibrated on
+    ``calibration_loader`` (the held-out split, normally).
+
+    Returns ``{"anytime": [...], "budgeted": [...]}`` (the eval.json record). In a
+    distributed job every rank must call it (the logits are all-gathered) and every rank
+    gets the same record; write it on rank 0.
+    """
+    calibration_logits, calibration_labels = collect_logits(model, calibration_loader, device, amp_dtype)
+    test_logits, test_labels = collect_logits(model, test_loader, device, amp_dtype)
+    return {
+        "anytime": anytime(test_logits, test_labels, exit_flops),
+        "budgeted": budgeted(calibration_logits, calibration_labels, test_logits, test_labels, exit_flops, ps),
+    }
+
+
+def evaluate_run(model: nn.Module, cfg: Config, env: DistEnv, data_spec: str, output: Path) -> dict:
+    """The evaluation of a run: :func:`evaluate_model` on the loaders ``cfg`` describes, the
+    thresholds calibrated as ``data.calibration`` says; eval.json and curve.png written into
+    ``output`` on rank 0. Returns the eval.json record.
+
+    ``model`` holds the weights to evaluate (the EMA copy when the run kept one), on
+    ``env.device``; it runs under ``train.precision`` autocast, compiled when
+    ``train.compile`` is set, as in training. Every rank calls this (the logits are
+    all-gathered) and gets the same record.
+    """
+    exit_flops = model.exit_flops
+    forward = torch.compile(model) if cfg.train.compile else model
+    with autocast(env.device, cfg.train.precision):
+        result = evaluate_model(
+            forward,
+            calibration_loader(cfg, env, data_spec),
+            eval_loader(cfg, env, data_spec, "test"),
+            env.device,
+            exit_flops,
+        )
+    if env.rank == 0:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        write_eval_json(output / "eval.json", result["anytime"], result["budgeted"])
+        plot_curves({output.name: result}, output / "curve.png")
+    return result
