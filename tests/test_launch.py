@@ -291,6 +291,19 @@ def test_a_missing_private_attribute_is_one_clear_line(tmp_path, monkeypatch):
     _assert_one_clear_line("JobEnvironment._usr_sig", submitit_internals.check_job_internals)
 
 
+def test_an_untested_submitit_version_is_named_in_the_error_and_warned_about(monkeypatch, capsys):
+    from l2w_dist.launch.preflight import check_submitit
+
+    monkeypatch.setattr(submitit, "__version__", "1.7.0")
+    assert submitit_internals.installed_version() == (1, 7, 0) and not submitit_internals.is_tested_version()
+    check_submitit()  # every attribute is still there: a warning, not an error
+    assert "warning: submitit 1.7.0 is outside the range" in capsys.readouterr().err
+    monkeypatch.delattr(submitit.JobEnvironment, "_usr_sig")
+    _assert_one_clear_line("JobEnvironment._usr_sig", submitit_internals.usr_signal)
+    with pytest.raises(LaunchError, match=r"submitit 1\.7\.0 has no JobEnvironment\._usr_sig"):
+        check_submitit()
+
+
 def test_a_missing_private_attribute_stops_the_launch_before_submission(tmp_path, tiny_config, monkeypatch):
     monkeypatch.delattr(submitit.JobEnvironment, "_requeue")
     args = build_parser(IMAGENET).parse_args(
