@@ -2,7 +2,7 @@
 
     python launch/cifar.py --cluster slurm --gpus-per-node 1 --partition gpu
 
-See docs/slurm.md; the implementation is l2w_dist/launch.py.
+See docs/slurm.md; the implementation is the package l2w_dist/launch/ (command line: cli.py).
 """
 
 import sys

@@ -2,7 +2,7 @@
 
     python launch/imagenet.py --cluster slurm --nodes 4 --gpus-per-node 8 --partition gpu
 
-See docs/slurm.md; the implementation is l2w_dist/launch.py.
+See docs/slurm.md; the implementation is the package l2w_dist/launch/ (command line: cli.py).
 """
 
 import sys

@@ -11,6 +11,7 @@ import time
 
 import launch_stand_in
 import pytest
+import submitit
 import torch
 from launch_testutil import (
     REPO,
@@ -35,7 +36,9 @@ from l2w_dist.launch import (
     launch,
     make_executor,
     parse_time,
+    submitit_internals,
 )
+from l2w_dist.launch.submitit_internals import SubmititInternalsError
 
 
 @pytest.fixture
@@ -224,6 +227,91 @@ def test_stop_signals_only_set_a_flag():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR2) == before
+
+
+# ------------------------------------------------------------- submitit's private attributes
+
+
+def test_installed_submitit_is_in_the_tested_range():
+    """CI runs the version the shim was written for; the range's bounds are where they say."""
+    assert submitit_internals.is_tested_version(), submitit.__version__
+    assert submitit_internals.installed_version() == tuple(int(p) for p in submitit.__version__.split(".")[:3])
+    assert submitit_internals.tested_range_text() == ">=1.5,<1.6"
+    assert submitit_internals.is_tested_version((1, 5)) and submitit_internals.is_tested_version((1, 5, 9))
+    assert not submitit_internals.is_tested_version((1, 4, 9)) and not submitit_internals.is_tested_version((1, 6, 0))
+
+
+def test_each_private_accessor_works_on_the_installed_submitit(tmp_path, monkeypatch):
+    assert submitit_internals.usr_signal() == signal.SIGUSR2  # submitit's default warning signal
+
+    submission = submitit.helpers.DelayedSubmission(print)
+    submission.set_timeout(90, 7)
+    assert submitit_internals.submission_timeout(submission) == (90, 7)
+
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
+    submitit_internals.set_local_signal_delay(executor, 45)
+    assert executor._executor.parameters["signal_delay_s"] == 45
+
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "4242")
+    with pytest.raises(SystemExit) as exited:  # the local controller restarts a job that exits so
+        submitit_internals.requeue(submitit.local.local.LocalJobEnvironment(), 3)
+    assert exited.value.code == submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
+
+    submitit_internals.check_job_internals()
+
+
+def _assert_one_clear_line(attribute, accessor, *args):
+    """``accessor(*args)`` fails with one line naming the installed version, ``attribute`` and the range."""
+    with pytest.raises(SubmititInternalsError) as err:
+        accessor(*args)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"submitit {submitit.__version__} has no {attribute}," in message
+    assert "submitit>=1.5,<1.6" in message
+
+
+def test_a_missing_private_attribute_is_one_clear_line(tmp_path, monkeypatch):
+    for attribute in ("_timeout_min", "_timeout_countdown"):
+        submission = submitit.helpers.DelayedSubmission(print)
+        delattr(submission, attribute)
+        _assert_one_clear_line(f"DelayedSubmission.{attribute}", submitit_internals.submission_timeout, submission)
+
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
+    del executor._executor
+    _assert_one_clear_line("AutoExecutor._executor", submitit_internals.set_local_signal_delay, executor, 45)
+
+    monkeypatch.delattr(submitit.local.local.LocalJobEnvironment, "_requeue")
+    monkeypatch.delattr(submitit.JobEnvironment, "_requeue")
+    local_env = submitit.local.local.LocalJobEnvironment()
+    _assert_one_clear_line("LocalJobEnvironment._requeue", submitit_internals.requeue, local_env, 3)
+    _assert_one_clear_line("JobEnvironment._requeue", submitit_internals.check_job_internals)
+
+    monkeypatch.delattr(submitit.JobEnvironment, "_usr_sig")
+    _assert_one_clear_line("JobEnvironment._usr_sig", submitit_internals.usr_signal)
+    _assert_one_clear_line("JobEnvironment._usr_sig", submitit_internals.check_job_internals)
+
+
+def test_an_untested_submitit_version_is_named_in_the_error_and_warned_about(monkeypatch, capsys):
+    from l2w_dist.launch.preflight import check_submitit
+
+    monkeypatch.setattr(submitit, "__version__", "1.7.0")
+    assert submitit_internals.installed_version() == (1, 7, 0) and not submitit_internals.is_tested_version()
+    check_submitit()  # every attribute is still there: a warning, not an error
+    assert "warning: submitit 1.7.0 is outside the range" in capsys.readouterr().err
+    monkeypatch.delattr(submitit.JobEnvironment, "_usr_sig")
+    _assert_one_clear_line("JobEnvironment._usr_sig", submitit_internals.usr_signal)
+    with pytest.raises(LaunchError, match=r"submitit 1\.7\.0 has no JobEnvironment\._usr_sig"):
+        check_submitit()
+
+
+def test_a_missing_private_attribute_stops_the_launch_before_submission(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.delattr(submitit.JobEnvironment, "_requeue")
+    args = build_parser(IMAGENET).parse_args(
+        ["--cluster", "local", "--gpus-per-node", "0", "--config", str(tiny_config), "--output", str(tmp_path / "run")]
+    )
+    with pytest.raises(LaunchError, match=r"JobEnvironment\._requeue"):
+        launch(args, IMAGENET)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------- debug and local clusters
