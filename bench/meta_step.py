@@ -167,6 +167,7 @@ def build_variant(args: argparse.Namespace, v: str):
         constraint="mat",
         hypergrad="autograd" if v == "autograd" else "jvp",
         real_weights="pre_update" if v in ("jvp_pre", "jvp_pre_rerun") else "updated",
+        reuse_meta_forward=v != "jvp_pre_rerun",
     )
     half = args.batch // 2
 
@@ -189,11 +190,6 @@ def build_variant(args: argparse.Namespace, v: str):
             a, b = (x[:half], y[:half]), (x[half:], y[half:])
             _released_half_step(model, pseudo, wnet, opt, mopt, a, b, q, 0.3)
             _released_half_step(model, pseudo, wnet, opt, mopt, b, a, q, 0.3)
-        elif v == "jvp_pre_rerun":
-            from unittest import mock
-
-            with mock.patch("l2w_dist.meta.l2w._lands_on_virtual_step", return_value=False):
-                l2w_iteration(model, wnet, opt, mopt, x, y, cfg)
         elif v == "jvp_nometa":
             l2w_iteration(model, wnet, opt, mopt, x, y, cfg, step=1, meta_interval=100)
         else:

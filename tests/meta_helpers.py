@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from l2w_dist.meta import target_proportions
+from l2w_dist.meta import target_counts
 
 
 class TinyMSDNetLike(nn.Module):
@@ -80,13 +79,16 @@ def make_optimizer(kind: str, params, lr: float = 0.1) -> torch.optim.Optimizer:
     raise ValueError(kind)
 
 
-def loop_allocate(conf: Tensor, q: list[float]) -> list[int]:
-    """The released greedy allocation written literally: a Python loop over samples."""
+def loop_allocate(conf: Tensor, counts: list[int]) -> list[int]:
+    """The released greedy allocation written literally: a Python loop over samples.
+
+    ``counts[k]`` samples leave at exit k < K (the released ``floor(n * q[k])``), the rest last.
+    """
     n, k_exits = conf.shape
     rows = conf.tolist()
     exit_of = [-1] * n
     for k in range(k_exits - 1):
-        quota = int(math.floor(n * q[k]))
+        quota = counts[k]
         order = sorted(range(n), key=lambda i: -rows[i][k])  # stable: ties by lower index
         taken = 0
         for i in order:
@@ -159,8 +161,7 @@ def reference_meta_loss(model, wnet, optimizer, train, meta, cfg, create_graph=T
     meta_logits = functional_call(pseudo, theta, (meta[0],))
     mce = _ces(meta_logits, meta[1])
     conf = torch.stack([F.softmax(z, 1).amax(1) for z in meta_logits], 1).detach()
-    q = target_proportions(mce.shape[1], cfg.p)
-    exit_of = loop_allocate(conf, q)
+    exit_of = loop_allocate(conf, target_counts(mce.shape[0], mce.shape[1], cfg.p))
     total = 0
     for k in range(mce.shape[1]):
         members = [i for i, e in enumerate(exit_of) if e == k]

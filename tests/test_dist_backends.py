@@ -16,7 +16,7 @@ from l2w_dist.distributed.backends import build_backend
 from l2w_dist.distributed.deepspeed import ZERO3_REFUSAL
 from l2w_dist.distributed.env import DistEnv
 from l2w_dist.distributed.testing import run_ranks
-from l2w_dist.distributed.zero_state import optimizer_kind, param_state
+from l2w_dist.meta.update import TorchOptimizerUpdate, UnsupportedOptimizerError
 
 B = 4  # per-rank batch
 
@@ -30,6 +30,10 @@ def _model() -> nn.Module:
 def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    if name == "adam":  # without L2 weight decay: the virtual step takes it as AdamW
+        return torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.8, 0.95))
+    if name == "adam_l2":  # L2 weight decay: refused
+        return torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=1e-2)
     return torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=1e-2, betas=(0.8, 0.95))
 
 
@@ -66,8 +70,6 @@ def _zero_vs_reference(env: DistEnv, stage: int, opt_name: str, steps: int = 3) 
             g["lr"] = lr
 
     # reference: full batch, one process
-    from l2w_dist.meta.update import TorchOptimizerUpdate
-
     _train(
         TorchOptimizerUpdate(ref_opt),
         ref,
@@ -81,13 +83,14 @@ def _zero_vs_reference(env: DistEnv, stage: int, opt_name: str, steps: int = 3) 
     ys = [b[1][r * B : (r + 1) * B] for b in batches]
     _train(backend.update, backend.model, xs, ys, steps, backend.set_lr)
 
-    kind = optimizer_kind(ref_opt)
+    # the gathered ZeRO state equals what the plain update reads from the torch optimizer
     params = dict(backend.module.named_parameters())
     got = backend.update.virtual_state(params)
     ref_params = dict(ref.named_parameters())
+    wanted = TorchOptimizerUpdate(ref_opt).virtual_state(ref_params)
     out = {"param": 0.0, "state": 0.0, "meta_mismatch": [], "sd": 0.0, "loaded": 0.0}
     for name, p in params.items():
-        want = param_state(kind, ref_opt.param_groups[0], ref_opt.state[ref_params[name]], steps)
+        want = wanted[name]
         have = got[name]
         out["param"] = max(out["param"], _rel(p.detach(), ref_params[name].detach()))
         for field in ("kind", "lr", "weight_decay", "momentum", "nesterov", "betas", "eps", "step"):
@@ -124,7 +127,8 @@ def _zero_vs_reference(env: DistEnv, stage: int, opt_name: str, steps: int = 3) 
 
 def _all_zero_cases(env: DistEnv) -> dict:
     # one spawn for every case: importing DeepSpeed is slow in every process
-    return {(stage, opt): _zero_vs_reference(env, stage, opt) for stage in (1, 2) for opt in ("sgd", "adamw")}
+    cases = [(stage, opt) for stage in (1, 2) for opt in ("sgd", "adamw")] + [(2, "adam")]
+    return {(stage, opt): _zero_vs_reference(env, stage, opt) for stage, opt in cases}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -171,3 +175,18 @@ def test_plain_backend_is_the_module():
     assert b.model is m and b.module is m
     b.set_lr(0.3)
     assert b.get_lr() == 0.3
+
+
+def test_adam_with_l2_decay_is_refused_alike_by_the_plain_update_and_deepspeed():
+    """One translation of torch optimizers: the plain update and the DeepSpeed backend refuse the
+    same optimizers with the same message (Adam without L2 decay is accepted by both, as AdamW:
+    test_zero_virtual_state_equals_torch_optimizer_state)."""
+    m = _model()
+    opt = _optimizer("adam_l2", m)
+    with pytest.raises(UnsupportedOptimizerError, match="Adam with L2 weight decay") as plain:
+        TorchOptimizerUpdate(opt).virtual_state(dict(m.named_parameters()))
+    with pytest.raises(UnsupportedOptimizerError) as deepspeed:
+        build_backend("deepspeed", m, opt, env=DistEnv(), zero_stage=2)
+    assert str(deepspeed.value) == str(plain.value)
+    adam = TorchOptimizerUpdate(_optimizer("adam", m)).virtual_state(dict(m.named_parameters()))
+    assert {s.kind for s in adam.values()} == {"adamw"}

@@ -154,7 +154,7 @@ def test_budgeted_equals_literal_loop(num_exits, kind):
         exits = exit_assignment(t_max, details.thresholds[i : i + 1])[0]
         assert torch.bincount(exits, minlength=num_exits).tolist() == want["exp"], f"p={want['p']}"
     if kind != "continuous":  # the test really exercised ties at a threshold somewhere
-        wanted = torch.tensor([target_counts(p, num_exits, h_logits.shape[1]) for p in ps])
+        wanted = torch.tensor([target_counts(h_logits.shape[1], num_exits, p) for p in ps])
         assert (details.holdout_exit_counts[:, :-1] > wanted[:, :-1]).any()
 
 
@@ -165,7 +165,7 @@ def test_thresholds_give_target_proportions_on_holdout():
     labels = torch.randint(0, 10, (n,), generator=gen)
     details = budgeted_details(logits, labels, logits, labels, [1, 2, 3, 4, 5])
     for i, p in enumerate(DEFAULT_PS):
-        counts = target_counts(p, num_exits, n)
+        counts = target_counts(n, num_exits, p)
         got = details.holdout_exit_counts[i].tolist()
         assert got[:-1] == counts[:-1], f"p={p}"
         assert sum(got) == n
@@ -177,7 +177,7 @@ def test_thresholds_give_target_proportions_on_holdout():
     for k in range(num_exits):
         assert (exits == k).sum(dim=1).tolist() == details.holdout_exit_counts[:, k].tolist()
     # the paper's p = 0.75 example
-    q = target_proportions(0.75, 5).tolist()
+    q = target_proportions(5, 0.75)
     assert [round(x, 3) for x in q] == [0.328, 0.246, 0.184, 0.138, 0.104]
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from l2w_dist.meta import L2WConfig, LocalCollectives, WeightNet, l2w_half_step
+from l2w_dist.meta import L2WConfig, LocalCollectives, TorchOptimizerUpdate, WeightNet, l2w_half_step
 from tests.meta_helpers import TinyExitMLP, make_optimizer, max_rel_diff, reference_meta_loss
 
 B = 4  # per-rank half-batch (train half and meta half each)
@@ -66,6 +66,11 @@ def _cfg(conf: dict, sync: str) -> L2WConfig:
         sync=sync,
         real_weights=conf["real_weights"],
     )
+
+
+def _ddp_update(ddp: DDP, optimizer: torch.optim.Optimizer) -> TorchOptimizerUpdate:
+    """The real update over a DDP model, as the ddp backend builds it."""
+    return TorchOptimizerUpdate(optimizer, module=ddp.module, no_sync=ddp.no_sync)
 
 
 def _two_half_steps(model, wnet, opt, mopt, x, y, cfg, collectives=None):
@@ -123,7 +128,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for i, conf in enumerate(GLOBAL_CONFIGS):
             model, wnet = _build(conf)
             ddp = DDP(model)
-            opt = make_optimizer(conf["opt"], ddp.parameters())
+            opt = _ddp_update(ddp, make_optimizer(conf["opt"], ddp.parameters()))
             mopt = torch.optim.SGD(wnet.parameters(), lr=0.5)
             _two_half_steps(ddp, wnet, opt, mopt, x[:, mine], y[:, mine], _cfg(conf, "global"))
             got = _state(model, wnet)
@@ -140,7 +145,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for i, conf in enumerate(LOCAL_CONFIGS):
             model, wnet = _build(conf)
             ddp = DDP(model)
-            opt = make_optimizer(conf["opt"], ddp.parameters())
+            opt = _ddp_update(ddp, make_optimizer(conf["opt"], ddp.parameters()))
             mopt = torch.optim.SGD(wnet.parameters(), lr=0.5)
             _two_half_steps(ddp, wnet, opt, mopt, x[:, mine], y[:, mine], _cfg(conf, "local"))
             got = _state(model, wnet)

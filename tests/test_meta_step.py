@@ -13,9 +13,9 @@ from l2w_dist.meta import (
     TorchOptimizerUpdate,
     WeightNet,
     allocate_exits,
-    exit_counts,
     l2w_half_step,
     l2w_iteration,
+    target_counts,
     target_proportions,
 )
 from tests.meta_helpers import (
@@ -183,9 +183,9 @@ def test_vectorised_allocation_equals_loop(tied):
         conf = torch.rand(n, k, generator=g, dtype=torch.float64)
         if tied:
             conf = (conf * 3).floor() / 3  # only a few distinct values
-        q = target_proportions(k, 0.75)
-        assert allocate_exits(conf, q).tolist() == loop_allocate(conf, q)
-        assert torch.bincount(allocate_exits(conf, q), minlength=k).tolist() == exit_counts(n, q)
+        counts = target_counts(n, k, 0.75)
+        assert allocate_exits(conf, counts).tolist() == loop_allocate(conf, counts)
+        assert torch.bincount(allocate_exits(conf, counts), minlength=k).tolist() == counts
 
 
 def test_target_proportions_paper_values():
@@ -333,8 +333,13 @@ def test_real_msdnet_jvp_equals_autograd_equals_reference(f64, opt_kind):
 class _MinimalRealUpdate:
     """A RealUpdate that is not TorchOptimizerUpdate (as a DeepSpeed backend would be)."""
 
+    module = None  # the model the step is called with is the plain module
+
     def __init__(self, optimizer):
         self._inner = TorchOptimizerUpdate(optimizer)
+
+    def no_sync(self):
+        return self._inner.no_sync()
 
     def virtual_state(self, params):
         return self._inner.virtual_state(params)
@@ -430,17 +435,13 @@ def test_multi_tensor_adamw_step_equals_per_parameter_formula(f64, with_state):
 
 
 @pytest.mark.parametrize("opt_kind", ["momentum", "nesterov", "adamw"])
-def test_pre_update_iteration_reuses_the_meta_forward_exactly(f64, opt_kind, monkeypatch):
+def test_pre_update_iteration_reuses_the_meta_forward_exactly(f64, opt_kind):
     """pre_update: half step a's meta forward (X2 at θ') is half step b's train forward (X2 at θ,
     θ = θ'): one model forward fewer per iteration, and the same parameters, weight net,
     BatchNorm statistics, optimizer state and stats as running that forward again."""
-    from l2w_dist.meta import l2w as l2w_module
-
-    cfg = L2WConfig(epsilon=0.8, constraint="col", real_weights="pre_update")
     runs = {}
     for chain in (True, False):
-        if not chain:
-            monkeypatch.setattr(l2w_module, "_lands_on_virtual_step", lambda *a: False)
+        cfg = L2WConfig(epsilon=0.8, constraint="col", real_weights="pre_update", reuse_meta_forward=chain)
         model, wnet, opt, mopt, x, y = _setup("bn", opt_kind)
         calls = []
         model.register_forward_hook(lambda *a, calls=calls: calls.append(1))
@@ -458,13 +459,18 @@ def test_pre_update_iteration_reuses_the_meta_forward_exactly(f64, opt_kind, mon
 
 
 def test_pre_update_does_not_reuse_when_the_real_step_differs(f64):
-    """Gradient clipping (or a custom update, or local sync across ranks) moves θ off θ': no reuse."""
-    from l2w_dist.meta.l2w import _lands_on_virtual_step
+    """Gradient clipping (or a custom update, or local sync across ranks) moves θ off θ': no reuse;
+    nor when the config turns it off."""
+    from l2w_dist.meta.l2w import _reuses_meta_forward
 
     model, wnet, opt, mopt, x, y = _setup("bn", "momentum")
     pre = L2WConfig(**IMAGENET, real_weights="pre_update")
-    assert _lands_on_virtual_step(opt, pre, None)
-    assert _lands_on_virtual_step(TorchOptimizerUpdate(opt), pre, None)
-    assert not _lands_on_virtual_step(TorchOptimizerUpdate(opt, grad_clip_norm=1.0), pre, None)
-    assert not _lands_on_virtual_step(opt, L2WConfig(**IMAGENET, real_weights="updated"), None)
-    assert not _lands_on_virtual_step(opt, L2WConfig(**IMAGENET, real_weights="pre_update", hypergrad="autograd"), None)
+    assert _reuses_meta_forward(opt, pre, None)
+    assert _reuses_meta_forward(TorchOptimizerUpdate(opt), pre, None)
+    assert not _reuses_meta_forward(TorchOptimizerUpdate(opt, grad_clip_norm=1.0), pre, None)
+    assert not _reuses_meta_forward(_MinimalRealUpdate(opt), pre, None)
+    assert not _reuses_meta_forward(opt, L2WConfig(**IMAGENET, real_weights="updated"), None)
+    assert not _reuses_meta_forward(opt, L2WConfig(**IMAGENET, real_weights="pre_update", hypergrad="autograd"), None)
+    assert not _reuses_meta_forward(
+        opt, L2WConfig(**IMAGENET, real_weights="pre_update", reuse_meta_forward=False), None
+    )

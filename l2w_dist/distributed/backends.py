@@ -4,7 +4,8 @@ The trainer and the L2W step need four things from "the backend": a module to ca
 forward on (``model``: DDP / DeepSpeed engine / the plain module, so that gradient
 reduction is set up), the unwrapped module (``module``: state dicts and
 ``torch.func.functional_call``), a :class:`~l2w_dist.meta.update.RealUpdate`
-(``update``: the optimizer state the virtual step mimics, plus backward / step), and
+(``update``: the optimizer state the virtual step mimics, backward / step, and the
+wrapper's plain module and ``no_sync``, so the algorithm never inspects wrappers), and
 learning-rate and checkpoint access. Everything DeepSpeed-specific is in
 :mod:`l2w_dist.distributed.deepspeed`; the algorithm never imports it.
 
@@ -24,13 +25,12 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from l2w_dist.distributed.env import DistEnv
 from l2w_dist.distributed.sync_bn import convert_sync_batchnorm
-from l2w_dist.distributed.zero_state import optimizer_kind
-from l2w_dist.meta.update import RealUpdate, TorchOptimizerUpdate
+from l2w_dist.distributed.utils import process_group_ready
+from l2w_dist.meta.update import RealUpdate, TorchOptimizerUpdate, optimizer_kind
 from l2w_dist.utils import autocast
 
 KINDS = ("none", "ddp", "deepspeed")
@@ -127,7 +127,7 @@ def build_backend(
     if kind == "none":
         return PlainBackend(model, model, TorchOptimizerUpdate(optimizer, grad_clip), env, precision)
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not process_group_ready():
         raise RuntimeError(
             f"backend kind={kind!r} needs an initialised process group (launch with torchrun or srun "
             "and call l2w_dist.distributed.init_distributed()); for a single process use kind='none'"
@@ -135,7 +135,8 @@ def build_backend(
     if kind == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        return DDPBackend(ddp, model, TorchOptimizerUpdate(optimizer, grad_clip), env, precision)
+        update = TorchOptimizerUpdate(optimizer, grad_clip, module=model, no_sync=ddp.no_sync)
+        return DDPBackend(ddp, model, update, env, precision)
 
     from l2w_dist.distributed.deepspeed import build_deepspeed_backend
 

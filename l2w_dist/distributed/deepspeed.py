@@ -8,6 +8,7 @@ built (it is slow to import).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 from typing import Any
@@ -17,8 +18,9 @@ from torch import Tensor, nn
 
 from l2w_dist.distributed.backends import TrainBackend
 from l2w_dist.distributed.env import DistEnv
-from l2w_dist.distributed.zero_state import ZeroStateView, optimizer_kind, param_state
-from l2w_dist.meta.update import ParamOptState
+from l2w_dist.distributed.utils import parameter_names
+from l2w_dist.distributed.zero_state import ZeroStateView
+from l2w_dist.meta.update import ParamOptState, optimizer_kind, param_state
 
 ZERO_STAGES = (0, 1, 2)
 
@@ -50,9 +52,9 @@ class DeepSpeedUpdate:
 
     def __init__(self, engine, module: nn.Module, kind: str, param_groups: list[list[nn.Parameter]]):
         self.engine = engine
-        self.module = module
+        self.module = module  # the plain module under the engine (RealUpdate.module)
         self.kind = kind
-        self.steps = 0  # real steps taken; SGD's ``step`` (torch's SGD keeps no count)
+        self.steps = 0  # real steps taken (kept in the portable state dict)
         self._param_groups = param_groups  # the user's groups, before DeepSpeed flattened them
         zero = engine.optimizer
         self.view = ZeroStateView(zero, module, kind) if hasattr(zero, "single_partition_of_fp32_groups") else None
@@ -65,18 +67,15 @@ class DeepSpeedUpdate:
 
     def _named_full_state(self, names: set[str] | None = None) -> dict[str, ParamOptState]:
         if self.view is not None:
-            return self.view.full_state(self.steps, names)
+            return self.view.full_state(names)
         # stage 0: the engine's optimizer is the torch optimizer over the real parameters
-        name_of = {id(p): n for n, p in self.module.named_parameters()}
+        name_of = parameter_names(self.module)
         out = {}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 name = name_of[id(p)]
-                if names is not None and name not in names:
-                    continue
-                st = self.optimizer.state.get(p, {})
-                step = int(st["step"]) if self.kind == "adamw" and "step" in st else self.steps
-                out[name] = param_state(self.kind, group, st, step)
+                if names is None or name in names:
+                    out[name] = param_state(self.kind, group, self.optimizer.state.get(p, {}))
         return out
 
     def virtual_state(self, params: dict[str, Tensor]) -> dict[str, ParamOptState]:
@@ -85,6 +84,11 @@ class DeepSpeedUpdate:
         if missing:
             raise KeyError(f"DeepSpeed optimizes no parameter named {missing[:5]} (frozen or not in the engine?)")
         return out
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Nothing to suppress: ZeRO reduces gradients in ``engine.backward`` only (see
+        :func:`_only_engine_backward_is_real`), never in a plain forward."""
+        return contextlib.nullcontext()
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -118,7 +122,7 @@ class DeepSpeedUpdate:
 
     def state_dict(self) -> dict:
         full = self._named_full_state()
-        name_of = {id(p): n for n, p in self.module.named_parameters()}
+        name_of = parameter_names(self.module)
         state: dict[int, dict[str, Tensor]] = {}
         group_params: list[list[int]] = [[] for _ in self._param_groups]
         for gi, idx, p in self._indexed_params():
@@ -148,7 +152,7 @@ class DeepSpeedUpdate:
             )
         for g, saved in zip(self.optimizer.param_groups, sd["param_groups"]):
             g.update({k: v for k, v in saved.items() if k != "params"})
-        name_of = {id(p): n for n, p in self.module.named_parameters()}
+        name_of = parameter_names(self.module)
         per_name: dict[str, dict[str, Tensor]] = {}
         step = 0
         for _gi, idx, p in self._indexed_params():

@@ -23,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from l2w_dist.distributed.utils import process_group_ready
+
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -244,5 +246,5 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv
 
 def cleanup() -> None:
     """Leave the process group (a no-op when none exists)."""
-    if dist.is_available() and dist.is_initialized():
+    if process_group_ready():
         dist.destroy_process_group()

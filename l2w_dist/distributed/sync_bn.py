@@ -4,9 +4,10 @@ Why not ``torch.nn.SyncBatchNorm``: it refuses CPU tensors (so gloo runs cannot 
 it), and its autograd Function has no forward-mode rule, so the ``jvp`` hypergradient
 engine (a ``torch.func.jvp`` through the train-half forward) fails on it. This module
 computes the same thing from plain tensor ops plus one differentiable all-reduce whose
-backward and JVP are all-reduces too. With it, every forward of the L2W step — the real
-one, the pseudo step, the meta forward at θ′ and the JVP — sees the statistics of the
-*global* batch, so N ranks compute what one process computes on the concatenated batch.
+backward and JVP are all-reduces too (:func:`l2w_dist.meta.collectives.all_reduce_sum`).
+With it, every forward of the L2W step — the real one, the pseudo step, the meta forward
+at θ′ and the JVP — sees the statistics of the *global* batch, so N ranks compute what
+one process computes on the concatenated batch.
 
 Semantics of the gradients ("total loss" convention, as torch's SyncBatchNorm): the
 backward of the all-reduce all-reduces the incoming gradient, so after each rank
@@ -19,37 +20,10 @@ Without a process group (or with world size 1) it is exactly ``BatchNorm``.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable ``all_reduce(SUM)``: backward and JVP are all-reduces (the map is linear)."""
-
-    @staticmethod
-    def forward(x: Tensor, group) -> Tensor:  # type: ignore[override]
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.group = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _AllReduceSum.apply(grad, ctx.group), None
-
-    @staticmethod
-    def jvp(ctx, tangent: Tensor, _group_tangent) -> Tensor:  # type: ignore[override]
-        out = tangent.clone()
-        dist.all_reduce(out, group=ctx.group)
-        return out
-
-
-def all_reduce_sum(x: Tensor, group=None) -> Tensor:
-    """Sum of ``x`` over the ranks of ``group``, differentiable in reverse and forward mode."""
-    return _AllReduceSum.apply(x, group)
+from l2w_dist.distributed.utils import world_size
+from l2w_dist.meta.collectives import all_reduce_sum
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -80,7 +54,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"GlobalBatchNorm expects at least 2D input (N, C, ...), got {input.dim()}D")
 
     def _synced(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        return world_size(self.process_group) > 1
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -149,4 +123,4 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     return module
 
 
-__all__ = ["GlobalBatchNorm", "all_reduce_sum", "convert_sync_batchnorm"]
+__all__ = ["GlobalBatchNorm", "convert_sync_batchnorm"]

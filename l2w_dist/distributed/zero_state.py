@@ -25,64 +25,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from l2w_dist.meta.update import ParamOptState
+from l2w_dist.distributed.utils import parameter_names
+from l2w_dist.meta.update import ParamOptState, param_state
 
 _BUFFERS = {"sgd": ("momentum_buffer",), "adamw": ("exp_avg", "exp_avg_sq")}
-
-
-def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
-    """ "sgd" or "adamw" — the two optimizers the virtual step mimics; anything else is refused."""
-    if isinstance(optimizer, torch.optim.AdamW):
-        kind = "adamw"
-    elif isinstance(optimizer, torch.optim.SGD):
-        kind = "sgd"
-    else:
-        raise TypeError(
-            f"optimizer {type(optimizer).__name__} is not supported by the L2W virtual step; "
-            "use torch.optim.SGD or torch.optim.AdamW"
-        )
-    for g in optimizer.param_groups:
-        for flag in ("maximize", "amsgrad"):
-            if g.get(flag):
-                raise ValueError(f"{type(optimizer).__name__}({flag}=True) is not supported by the L2W virtual step")
-    return kind
-
-
-def param_state(kind: str, group: dict, state: dict[str, Tensor | None], step: int) -> ParamOptState:
-    """A :class:`ParamOptState` from a torch param group's hyper-parameters and per-parameter buffers."""
-    if kind == "sgd":
-        return ParamOptState(
-            kind="sgd",
-            lr=float(group["lr"]),
-            weight_decay=float(group.get("weight_decay", 0.0)),
-            momentum=float(group.get("momentum", 0.0)),
-            dampening=float(group.get("dampening", 0.0)),
-            nesterov=bool(group.get("nesterov", False)),
-            step=step,
-            momentum_buffer=state.get("momentum_buffer"),
-        )
-    return ParamOptState(
-        kind="adamw",
-        lr=float(group["lr"]),
-        weight_decay=float(group.get("weight_decay", 0.0)),
-        betas=tuple(float(b) for b in group["betas"]),
-        eps=float(group["eps"]),
-        step=step,
-        exp_avg=state.get("exp_avg"),
-        exp_avg_sq=state.get("exp_avg_sq"),
-    )
-
-
-def _step_count(value) -> int:
-    if value is None:
-        return 0
-    return int(value.item()) if isinstance(value, Tensor) else int(value)
 
 
 class ZeroStateView:
     """Reads and writes the full per-parameter state of a ``DeepSpeedZeroOptimizer`` (stages 1, 2).
 
-    ``module`` gives the parameter names; ``kind`` is :func:`optimizer_kind` of the base optimizer.
+    ``module`` gives the parameter names; ``kind`` is
+    :func:`~l2w_dist.meta.update.optimizer_kind` of the base optimizer.
     """
 
     def __init__(self, zero_optimizer, module: nn.Module, kind: str):
@@ -100,7 +53,7 @@ class ZeroStateView:
                 )
         self.zero = zero_optimizer
         self.kind = kind
-        self.name_of = {id(p): n for n, p in module.named_parameters()}
+        self.name_of = parameter_names(module)
 
     @property
     def base(self) -> torch.optim.Optimizer:
@@ -119,23 +72,22 @@ class ZeroStateView:
         dist.all_gather_into_tensor(full, shard.contiguous(), group=group)
         return full
 
-    def full_state(self, sgd_steps: int, names: set[str] | None = None) -> dict[str, ParamOptState]:
+    def full_state(self, names: set[str] | None = None) -> dict[str, ParamOptState]:
         """Every parameter's full state (one all-gather per group and buffer; collective: call on all ranks).
 
-        ``sgd_steps``: real steps taken so far, reported as SGD's ``step`` (torch's SGD keeps
-        no count; AdamW's own count is read from its state).
+        Translated by :func:`~l2w_dist.meta.update.param_state`, as a torch optimizer's own
+        state is: AdamW's step count is the shard's, SGD keeps none.
         """
         out: dict[str, ParamOptState] = {}
         for i, flat in enumerate(self.zero.single_partition_of_fp32_groups):
             group = self.base.param_groups[i]
             st = self.base.state.get(flat, {})
-            step = _step_count(st.get("step")) if self.kind == "adamw" else sgd_steps
             fulls = {b: self._gather(i, st[b]) if st.get(b) is not None else None for b in _BUFFERS[self.kind]}
             for name, off, numel, shape in self._layout(i):
                 if names is not None and name not in names:
                     continue
                 bufs = {b: None if f is None else f[off : off + numel].view(shape) for b, f in fulls.items()}
-                out[name] = param_state(self.kind, group, bufs, step)
+                out[name] = param_state(self.kind, group, {**bufs, "step": st.get("step")})
         return out
 
     def load_full_state(self, per_param: dict[str, dict[str, Tensor]], step: int) -> None:

@@ -29,6 +29,7 @@ from ..data import (
     resolve_data_spec,
 )
 from ..distributed import DistEnv, build_backend
+from ..distributed.utils import any_rank
 from ..evaluate import anytime, collect_logits, evaluate_run
 from ..meta import WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
 from ..models import create_model
@@ -337,11 +338,7 @@ class TrainingJob:
 
     def _all_agree(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any rank (so all ranks checkpoint together)."""
-        if self.env.world_size == 1:
-            return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
+        return any_rank(flag, self.device)
 
     def close(self) -> None:
         self.logger.close()

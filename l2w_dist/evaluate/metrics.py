@@ -18,9 +18,10 @@ released code (kalviny/MSDNet-PyTorch and LeapLabTHU/L2W-DEN ``dynamic_evaluate`
   if that count is 0, or fewer samples are left than it asks for, nobody leaves (T_k = +inf);
 - a sample leaves at exit k when ``conf_k >= T_k`` (ties at the threshold leave too, so a
   tie can make more than ``floor(n·q_k)`` leave); the last exit takes everyone (T_K = -inf);
-- q is computed in float32 exactly as the released code does
-  (``exp(log(float32(p)) · [1..K])``, normalised) and ``floor(n·q_k)`` is the floor of the
-  float32 product, so the integer counts match the released code bit for bit.
+- the counts ``floor(n·q_k)`` are :func:`l2w_dist.meta.allocation.target_counts`, the ones
+  the training step allocates its meta batch with: q in float32 exactly as the released code
+  computes it (``exp(log(float32(p)) · [1..K])``, normalised) and the floor of the float32
+  product, so the integer counts match the released code bit for bit.
 
 Deliberate deviations from the released code: the thresholds are +inf / -inf instead of
 ±1e8 (identical for softmax confidences in [0, 1]); accuracy and expected FLOPs are
@@ -35,6 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+# the one count rule, shared with training (re-exported by l2w_dist.evaluate)
+from l2w_dist.meta.allocation import target_counts
+from l2w_dist.meta.allocation import target_proportions as target_proportions
 
 DEFAULT_PS: tuple[float, ...] = tuple(i / 20 for i in range(1, 40))
 """The 39 operating points of the papers: p = 1/20 ... 39/20."""
@@ -94,23 +99,6 @@ def confidence_and_prediction(logits: torch.Tensor) -> tuple[torch.Tensor, torch
         confs.append(conf)
         preds.append(pred)
     return torch.stack(confs), torch.stack(preds)
-
-
-def target_proportions(p: float, num_exits: int) -> torch.Tensor:
-    """``q_k ∝ p^k`` (k = 1..K), normalised, in float32 exactly as the released code computes it."""
-    if not p > 0:
-        raise ValueError(f"p must be > 0 (the geometric ratio of the exit proportions); got {p!r}")
-    if num_exits < 1:
-        raise ValueError(f"num_exits must be >= 1; got {num_exits}")
-    base = torch.tensor([p], dtype=torch.float32)
-    q = torch.exp(torch.log(base) * torch.arange(1, num_exits + 1, dtype=torch.float32))
-    return q / q.sum()
-
-
-def target_counts(p: float, num_exits: int, n: int) -> list[int]:
-    """``floor(n·q_k)`` per exit (the float32 product, as in the released code)."""
-    q = target_proportions(p, num_exits)
-    return torch.floor(n * q).long().tolist()  # n * q[k] is one exactly rounded float32 product
 
 
 def find_thresholds(
@@ -269,7 +257,7 @@ def budgeted_from_confidence(
     n_t = test_conf.shape[1]
     flops = _check_flops(exit_flops, num_exits)
     ps = [float(p) for p in ps]
-    counts = torch.tensor([target_counts(p, num_exits, n_h) for p in ps], dtype=torch.long)
+    counts = torch.tensor([target_counts(n_h, num_exits, p) for p in ps], dtype=torch.long)
 
     thresholds, holdout_exit_counts = find_thresholds(holdout_conf, counts, return_exit_counts=True)
     correct = test_pred == test_labels.to(test_pred.device).long()[None, :]  # [K, n_t]

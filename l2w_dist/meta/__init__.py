@@ -3,18 +3,24 @@
 Entry points: ``L2WConfig``, ``WeightNet``, ``l2w_half_step``, ``l2w_iteration``.
 """
 
-from .allocation import allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
-from .collectives import Collectives, LocalCollectives, TorchCollectives, default_collectives
+from .allocation import allocate_exits, meta_loss_from_allocation, target_counts, target_proportions
+from .collectives import Collectives, LocalCollectives, TorchCollectives, all_reduce_sum, default_collectives
 from .l2w import (
     L2WConfig,
     l2w_half_step,
     l2w_iteration,
     max_confidence,
     per_sample_ce,
-    unwrap_model,
     weighted_loss,
 )
-from .update import ParamOptState, RealUpdate, TorchOptimizerUpdate
+from .update import (
+    ParamOptState,
+    RealUpdate,
+    TorchOptimizerUpdate,
+    UnsupportedOptimizerError,
+    optimizer_kind,
+    param_state,
+)
 from .virtual_step import step_derivative, virtual_step
 from .weight_net import WeightNet, normalize_weights, wpn_features
 
@@ -24,7 +30,7 @@ __all__ = [
     "l2w_half_step",
     "l2w_iteration",
     "target_proportions",
-    "exit_counts",
+    "target_counts",
     "allocate_exits",
     "meta_loss_from_allocation",
     "normalize_weights",
@@ -32,14 +38,17 @@ __all__ = [
     "per_sample_ce",
     "max_confidence",
     "weighted_loss",
-    "unwrap_model",
     "virtual_step",
     "step_derivative",
     "ParamOptState",
     "RealUpdate",
     "TorchOptimizerUpdate",
+    "UnsupportedOptimizerError",
+    "optimizer_kind",
+    "param_state",
     "Collectives",
     "LocalCollectives",
     "TorchCollectives",
+    "all_reduce_sum",
     "default_collectives",
 ]

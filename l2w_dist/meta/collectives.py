@@ -2,9 +2,9 @@
 distribution backend; it receives what it needs: docs/architecture.md).
 
 ``LocalCollectives`` is a single process. ``TorchCollectives`` uses plain
-``torch.distributed`` calls on a process group; its ``all_reduce_sum`` is autograd-aware
-(the backward all-reduces the incoming gradient), which is what the ``autograd``
-hypergradient engine needs under global sync.
+``torch.distributed`` calls on a process group; its ``all_reduce_sum`` is differentiable
+(:func:`all_reduce_sum`: the backward all-reduces the incoming gradient, the JVP the
+tangent), which is what the ``autograd`` hypergradient engine needs under global sync.
 """
 
 from __future__ import annotations
@@ -51,20 +51,41 @@ class LocalCollectives:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """y = sum_r x_r on every rank; dM/dx_r = sum_r' dM/dy_r' (each rank's loss is its share of M)."""
+    """``all_reduce(SUM)`` that autograd differentiates in reverse and forward mode.
+
+    The map is linear and each rank's loss is its share of the total, so the backward
+    all-reduces the incoming gradient (itself differentiably, for double backward) and the
+    JVP all-reduces the tangent.
+    """
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        out = tensor.clone()
+    def forward(tensor: Tensor, group) -> Tensor:  # type: ignore[override]
+        out = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.group = inputs[1]
+
+    @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _group_tangent) -> Tensor:  # type: ignore[override]
+        out = tangent.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out
+
+
+def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
+    """Sum of ``tensor`` over the ranks of ``group``, differentiable in reverse and forward mode.
+
+    The one differentiable all-reduce of the project: :class:`TorchCollectives` and
+    ``l2w_dist.distributed.sync_bn.GlobalBatchNorm`` both use it.
+    """
+    return _AllReduceSum.apply(tensor, group)
 
 
 class TorchCollectives:
@@ -82,7 +103,7 @@ class TorchCollectives:
         return tensor
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        return _AllReduceSum.apply(tensor, self.group)
+        return all_reduce_sum(tensor, self.group)
 
     def all_gather_cat(self, tensor: Tensor) -> Tensor:
         tensor = tensor.contiguous()

@@ -43,13 +43,48 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
-from .allocation import _to_device, allocate_exits, exit_counts, meta_loss_from_allocation, target_proportions
+from . import param_dicts
+from .allocation import _to_device, allocate_exits, meta_loss_from_allocation, target_counts
 from .collectives import Collectives, default_collectives
 from .forward_mode import FusedBatchNormJVP
 from .settings import L2WConfig
 from .update import RealUpdate, TorchOptimizerUpdate
 from .virtual_step import step_derivative, virtual_step
 from .weight_net import normalize_weights, wpn_features
+
+
+def l2w_iteration(
+    model: nn.Module,
+    weight_net: nn.Module,
+    optimizer: torch.optim.Optimizer | RealUpdate,
+    meta_optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    cfg: L2WConfig,
+    step: int = 0,
+    meta_interval: int = 1,
+    collectives: Collectives | None = None,
+) -> dict[str, float]:
+    """Both half steps of one loader batch: (X1, X2) then (X2, X1); stats averaged over the two.
+
+    ``model`` is what forward is called on (DDP / DeepSpeed wrapper, or the plain module);
+    ``optimizer`` a :class:`RealUpdate` (whose ``module`` is the plain module behind the
+    wrapper) or a bare ``torch.optim`` optimizer of a plain ``model``.
+    """
+    if meta_interval < 1:
+        raise ValueError(f"meta_interval={meta_interval} must be >= 1")
+    half = x.shape[0] // 2
+    if half == 0 or x.shape[0] != 2 * half:
+        raise ValueError(f"l2w_iteration needs an even batch size >= 2, got {x.shape[0]}")
+    first, second = (x[:half], y[:half]), (x[half:], y[half:])
+    do_meta = step % meta_interval == 0
+    ctx = _HalfStepContext.build(model, weight_net, optimizer, cfg, collectives)
+    # pre_update: the real step of half step a is its virtual step, so a's meta forward (second
+    # half at θ') is b's train forward (second half at θ): run once, one forward of ~17 fewer.
+    chain = do_meta and _reuses_meta_forward(ctx.real, cfg, ctx.coll)
+    a, carried = _half_step(ctx, meta_optimizer, first, second, do_meta, keep_meta_forward=chain)
+    b, _ = _half_step(ctx, meta_optimizer, second, first, do_meta, reuse=carried)
+    return {key: (a[key] + b[key]) / 2 for key in a}
 
 
 def l2w_half_step(
@@ -70,8 +105,67 @@ def l2w_half_step(
     ``w_min/k``, ``w_max/k`` (weights of the real update) and ``alloc/k`` (meta-batch
     allocation counts, global under global sync), k = 0..K-1.
     """
-    stats, _ = _half_step(model, weight_net, optimizer, meta_optimizer, train, meta, cfg, do_meta, collectives)
+    ctx = _HalfStepContext.build(model, weight_net, optimizer, cfg, collectives)
+    stats, _ = _half_step(ctx, meta_optimizer, train, meta, do_meta)
     return stats
+
+
+@dataclass
+class _HalfStepContext:
+    """What every part of a half step reads; the same for both half steps of an iteration."""
+
+    model: nn.Module  # forward through it sets up the real update's gradient sync (DDP, DeepSpeed)
+    module: nn.Module  # the plain module under it: the virtual forwards' functional_call
+    params: dict[str, Tensor]  # θ: the module's trainable parameters, by name
+    real: RealUpdate
+    weight_net: nn.Module
+    coll: Collectives
+    cfg: L2WConfig
+    global_sync: bool  # sync="global" across more than one rank
+
+    @classmethod
+    def build(cls, model, weight_net, optimizer, cfg, collectives) -> _HalfStepContext:
+        real = _as_real_update(optimizer)
+        coll = collectives if collectives is not None else default_collectives()
+        module = model if real.module is None else real.module
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        global_sync = cfg.sync == "global" and coll.world_size > 1
+        return cls(model, module, params, real, weight_net, coll, cfg, global_sync)
+
+    @property
+    def mean_collectives(self) -> Collectives | None:
+        """Collectives for the weights' global means (None: means over this rank's batch)."""
+        return self.coll if self.global_sync else None
+
+
+def _as_real_update(optimizer: torch.optim.Optimizer | RealUpdate) -> RealUpdate:
+    """A bare torch optimizer steps a plain model; anything else must be a :class:`RealUpdate`."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return TorchOptimizerUpdate(optimizer)
+    if not isinstance(optimizer, RealUpdate):
+        raise TypeError(
+            f"{type(optimizer).__name__} is neither a torch.optim.Optimizer nor a RealUpdate (module, no_sync, "
+            "virtual_state, zero_grad, backward, step)"
+        )
+    return optimizer
+
+
+def _reuses_meta_forward(
+    optimizer: torch.optim.Optimizer | RealUpdate, cfg: L2WConfig, collectives: Collectives | None
+) -> bool:
+    """Re-use a half step's meta forward as the next train forward? Only when asked to
+    (``cfg.reuse_meta_forward``) and when the real update lands exactly on the virtual step's
+    θ': with ``pre_update`` it steps the same optimizer from the same state with the same
+    gradient, unless the gradient is clipped first, the update is a custom object (DeepSpeed:
+    its own step and clipping), or under ``sync="local"`` across ranks (virtual step local,
+    real step on the global mean)."""
+    if not cfg.reuse_meta_forward or cfg.real_weights != "pre_update" or cfg.hypergrad == "autograd":
+        return False
+    real = _as_real_update(optimizer)
+    if not isinstance(real, TorchOptimizerUpdate) or real.grad_clip_norm:
+        return False
+    world = (collectives if collectives is not None else default_collectives()).world_size
+    return not (cfg.sync == "local" and world > 1)
 
 
 @dataclass
@@ -86,28 +180,18 @@ class _MetaForward:
 
 
 def _half_step(
-    model,
-    weight_net,
-    optimizer,
-    meta_optimizer,
-    train,
-    meta,
-    cfg,
-    do_meta,
-    collectives,
+    ctx: _HalfStepContext,
+    meta_optimizer: torch.optim.Optimizer,
+    train: tuple[Tensor, Tensor],
+    meta: tuple[Tensor, Tensor],
+    do_meta: bool,
     reuse: _MetaForward | None = None,
     keep_meta_forward: bool = False,
 ) -> tuple[dict[str, float], _MetaForward | None]:
     """:func:`l2w_half_step`; ``reuse``: this half step's train forward, already run (see
     :class:`_MetaForward`); ``keep_meta_forward``: return this half step's meta forward, with
-    θ set exactly to θ' (only valid when :func:`_lands_on_virtual_step`)."""
-    real = optimizer if isinstance(optimizer, RealUpdate) else TorchOptimizerUpdate(optimizer)
-    coll = collectives if collectives is not None else default_collectives()
-    world = coll.world_size
-    global_sync = cfg.sync == "global" and world > 1
-    norm_coll = coll if global_sync else None
-    module = unwrap_model(model)
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    θ set exactly to θ' (only valid when :func:`_reuses_meta_forward`)."""
+    cfg, real = ctx.cfg, ctx.real
     x_tr, y_tr = train
     pre_update = do_meta and cfg.real_weights == "pre_update"
     if pre_update and not hasattr(real, "step_with_grads"):
@@ -117,19 +201,7 @@ def _half_step(
         )
 
     # 1. Shared train forward at θ, through the wrapper (DDP broadcasts buffers, hooks grads).
-    if reuse is not None:  # run by the previous half step as its meta forward, at θ' == θ
-        with torch.no_grad():  # BatchNorm running statistics as this forward leaves them
-            own = dict(module.named_buffers())  # one multi-tensor copy, not one kernel per buffer
-            if own:  # (a BatchNorm-free model has none)
-                torch._foreach_copy_(list(own.values()), [reuse.buffers[n] for n in own])
-        logits, grad_wrt = reuse.logits, reuse.theta
-    else:
-        # pre_update never back-propagates this forward through the wrapper: DDP's reducer
-        # would wait for that backward (and complain at the next forward) unless told not to.
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        with model.no_sync() if pre_update and ddp else contextlib.nullcontext():
-            logits = list(model(x_tr))
-        grad_wrt = params
+    logits, grad_wrt = _train_forward(ctx, x_tr, reuse, pre_update)
     ce = per_sample_ce(logits, y_tr, cfg.label_smoothing)
     confidences = max_confidence(logits) if cfg.input != "loss" else None  # only "conf" / "both" read them
     features = wpn_features(ce, confidences, cfg.input)
@@ -140,47 +212,32 @@ def _half_step(
     alloc = torch.zeros(num_exits, dtype=ce.dtype, device=ce.device)
     if do_meta:
         # 2. Meta step: hypergradient to φ through the virtual step, then meta_optimizer.step().
-        states = real.virtual_state(params)
-        scores = weight_net(features)
-        weights = normalize_weights(scores, cfg.epsilon, cfg.constraint, norm_coll)
+        states = real.virtual_state(ctx.params)
+        weights = normalize_weights(ctx.weight_net(features), cfg.epsilon, cfg.constraint, ctx.mean_collectives)
         meta_optimizer.zero_grad(set_to_none=True)
         if cfg.hypergrad == "autograd":
-            pseudo_grads, meta_loss, alloc = _autograd_meta_grad(
-                module, params, states, ce, weights, meta, cfg, coll, global_sync, weight_net
-            )
+            pseudo_grads, meta_loss, alloc = _autograd_meta_grad(ctx, states, ce, weights, meta)
         else:
             pseudo_grads, meta_loss, alloc, meta_forward = _first_order_meta_grad(
-                module,
-                params,
-                grad_wrt,
-                states,
-                ce,
-                weights,
-                x_tr,
-                y_tr,
-                meta,
-                cfg,
-                coll,
-                global_sync,
-                keep_meta_forward,
+                ctx, grad_wrt, states, ce, weights, train, meta, keep_meta_forward
             )
-        _reduce_weight_net_grads(weight_net, coll, global_sync)
+        _reduce_weight_net_grads(ctx)
         meta_optimizer.step()
 
     # 3. Real update with weights from the updated weight net, re-using the train forward.
     if pre_update:  # the pseudo-step gradient, weighted by the weight net before its step
         weights = weights.detach()
         grads = pseudo_grads
-        if not global_sync and world > 1:  # local sync: the real step still uses the global mean
-            grads = _all_reduce_mean(grads, coll)
-        real.step_with_grads(grads, params)  # type: ignore[attr-defined]
+        if not ctx.global_sync and ctx.coll.world_size > 1:  # local sync: the real step still uses the global mean
+            grads = param_dicts.all_reduce_mean(grads, ctx.coll)
+        real.step_with_grads(grads, ctx.params)  # type: ignore[attr-defined]
         if keep_meta_forward:  # θ = θ' to the last bit (the two step formulas may round differently)
             with torch.no_grad():
-                torch._foreach_copy_(list(params.values()), [meta_forward.theta[n] for n in params])
+                param_dicts.copy_(ctx.params, meta_forward.theta)
         loss = weighted_loss(ce.detach(), weights)
     else:
         with torch.no_grad():
-            weights = normalize_weights(weight_net(features), cfg.epsilon, cfg.constraint, norm_coll)
+            weights = normalize_weights(ctx.weight_net(features), cfg.epsilon, cfg.constraint, ctx.mean_collectives)
         loss = weighted_loss(ce, weights)
         real.zero_grad()
         real.backward(loss)
@@ -192,155 +249,140 @@ def _half_step(
     return stats, meta_forward
 
 
-def l2w_iteration(
-    model: nn.Module,
-    weight_net: nn.Module,
-    optimizer: torch.optim.Optimizer | RealUpdate,
-    meta_optimizer: torch.optim.Optimizer,
-    x: Tensor,
-    y: Tensor,
-    cfg: L2WConfig,
-    step: int = 0,
-    meta_interval: int = 1,
-    collectives: Collectives | None = None,
-) -> dict[str, float]:
-    """Both half steps of one loader batch: (X1, X2) then (X2, X1); stats averaged over the two."""
-    if meta_interval < 1:
-        raise ValueError(f"meta_interval={meta_interval} must be >= 1")
-    half = x.shape[0] // 2
-    if half == 0 or x.shape[0] != 2 * half:
-        raise ValueError(f"l2w_iteration needs an even batch size >= 2, got {x.shape[0]}")
-    first, second = (x[:half], y[:half]), (x[half:], y[half:])
-    do_meta = step % meta_interval == 0
-    # pre_update: the real step of half step a is its virtual step, so a's meta forward (second
-    # half at θ') is b's train forward (second half at θ): run once, one forward of ~17 fewer.
-    chain = do_meta and _lands_on_virtual_step(optimizer, cfg, collectives)
-    args = (model, weight_net, optimizer, meta_optimizer)
-    a, carried = _half_step(*args, first, second, cfg, do_meta, collectives, keep_meta_forward=chain)
-    b, _ = _half_step(*args, second, first, cfg, do_meta, collectives, reuse=carried)
-    return {key: (a[key] + b[key]) / 2 for key in a}
-
-
-def _lands_on_virtual_step(optimizer, cfg: L2WConfig, collectives: Collectives | None) -> bool:
-    """Does the real update land exactly on the virtual step's θ'? With ``pre_update`` it
-    steps the same optimizer from the same state with the same gradient — unless the gradient
-    is clipped first, the update is a custom object (DeepSpeed: its own step and clipping),
-    or under ``sync="local"`` across ranks (virtual step local, real step on the global mean)."""
-    if cfg.real_weights != "pre_update" or cfg.hypergrad == "autograd":
-        return False
-    if isinstance(optimizer, RealUpdate) and not isinstance(optimizer, TorchOptimizerUpdate):
-        return False
-    if isinstance(optimizer, TorchOptimizerUpdate) and optimizer.grad_clip_norm:
-        return False
-    world = (collectives if collectives is not None else default_collectives()).world_size
-    return not (cfg.sync == "local" and world > 1)
+def _train_forward(
+    ctx: _HalfStepContext, x: Tensor, reuse: _MetaForward | None, pre_update: bool
+) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """The train half's logits at θ, and the leaves they were computed from."""
+    if reuse is not None:  # run by the previous half step as its meta forward, at θ' == θ
+        with torch.no_grad():  # BatchNorm running statistics as this forward leaves them
+            param_dicts.copy_(dict(ctx.module.named_buffers()), reuse.buffers)
+        return reuse.logits, reuse.theta
+    # pre_update never back-propagates this forward through the wrapper: DDP's reducer
+    # would wait for that backward (and complain at the next forward) unless told not to.
+    with ctx.real.no_sync() if pre_update else contextlib.nullcontext():
+        return list(ctx.model(x)), ctx.params
 
 
 # ----------------------------------------------------------------------------- engines
 
 
-def _first_order_meta_grad(
-    module, params, grad_wrt, states, ce, weights, x_tr, y_tr, meta, cfg, coll, global_sync, keep_meta_forward
-):
+def _first_order_meta_grad(ctx: _HalfStepContext, grad_wrt, states, ce, weights, train, meta, keep_meta_forward):
     """``jvp`` (forward mode) or ``finite_difference`` hypergradient: first-order passes only.
 
     Leaves φ.grad holding this rank's share of ∂meta/∂φ. ``grad_wrt``: the leaves the train
-    forward started from (``params``, or the previous half step's θ' when its forward is
-    re-used). Returns the meta forward too when ``keep_meta_forward``.
+    forward started from (θ, or the previous half step's θ' when its forward is re-used).
+    Returns the pseudo-step gradient, the meta loss, the allocation counts, and the meta
+    forward when ``keep_meta_forward``.
     """
-    batch = ce.shape[0] * (coll.world_size if global_sync else 1)
+    cfg, coll = ctx.cfg, ctx.coll
+    batch = ce.shape[0] * (coll.world_size if ctx.global_sync else 1)
     loss = weighted_loss(ce, weights.detach())
     # "updated" back-propagates the train forward again in the real update; "pre_update" re-uses
     # these gradients, so its train-forward activations can be freed now (lower peak memory).
-    grads = _grad(loss, grad_wrt, retain_graph=cfg.real_weights != "pre_update")
-    if global_sync:
-        grads = _all_reduce_mean(grads, coll)
+    grads = param_dicts.grad(loss, grad_wrt, retain_graph=cfg.real_weights != "pre_update")
+    if ctx.global_sync:
+        grads = param_dicts.all_reduce_mean(grads, coll)
     with torch.no_grad():
-        theta = virtual_step({n: p.detach() for n, p in params.items()}, grads, states)
+        theta = virtual_step({n: p.detach() for n, p in ctx.params.items()}, grads, states)
     theta = {n: t.requires_grad_() for n, t in theta.items()}
-    meta_loss, alloc, logits, buffers = _meta_loss(module, theta, meta, cfg, coll, global_sync)
-    u = _grad(meta_loss, theta, retain_graph=keep_meta_forward)
+    meta_loss, alloc, logits, buffers = _meta_loss(ctx, theta, meta)
+    u = param_dicts.grad(meta_loss, theta, retain_graph=keep_meta_forward)
     meta_forward = _MetaForward(logits, theta, buffers) if keep_meta_forward else None
     meta_loss = meta_loss.detach()
-    if global_sync:  # u of the global meta loss; the meta loss value rides along
-        flat = coll.all_reduce_sum_(torch.cat([t.reshape(-1) for t in u.values()] + [meta_loss.reshape(1)]))
-        u, meta_loss = _unflatten(flat[:-1], u), flat[-1]
-    tangent = _scale(step_derivative(grads, states), u)  # D·u
+    if ctx.global_sync:  # u of the global meta loss; the meta loss value rides along in the same all-reduce
+        flat = coll.all_reduce_sum_(torch.cat([*(t.reshape(-1) for t in u.values()), meta_loss.reshape(1)]))
+        u, meta_loss = param_dicts.unflatten(flat[:-1], u), flat[-1]
+    tangent = param_dicts.scale(step_derivative(grads, states), u)  # D·u
+    x_tr, y_tr = train
     if cfg.hypergrad == "finite_difference":
-        dots = _central_difference(module, params, tangent, x_tr, y_tr, cfg)
+        dots = _central_difference(ctx, tangent, x_tr, y_tr)
     else:
-        dots = _forward_mode_dots(module, params, tangent, x_tr, y_tr, cfg, ce)
+        dots = _forward_mode_dots(ctx, tangent, x_tr, y_tr, ce)
     torch.autograd.backward(weights, dots / batch)
     return grads, meta_loss, alloc, meta_forward
 
 
-def _forward_mode_dots(module, params, tangent, x_tr, y_tr, cfg, ce) -> Tensor:
+def _forward_mode_dots(ctx: _HalfStepContext, tangent, x_tr, y_tr, ce) -> Tensor:
     """``[B, K]`` directional derivatives ⟨tangent, ∇θ l[i,k]⟩: one forward-mode JVP."""
-    buffers = _scratch_buffers(module)
+    buffers = param_dicts.scratch_buffers(ctx.module)
     try:  # plain forward-AD API: BatchNorm may update the scratch buffers in place
         with fwAD.dual_level(), FusedBatchNormJVP():  # BatchNorm's JVP as 2 fused kernels (forward_mode.py)
-            duals = {n: fwAD.make_dual(p.detach(), tangent[n]) for n, p in params.items()}
-            out = functional_call(module, (duals, buffers), (x_tr,))
-            dots = fwAD.unpack_dual(per_sample_ce(list(out), y_tr, cfg.label_smoothing)).tangent
+            duals = {n: fwAD.make_dual(p.detach(), tangent[n]) for n, p in ctx.params.items()}
+            out = functional_call(ctx.module, (duals, buffers), (x_tr,))
+            dots = fwAD.unpack_dual(per_sample_ce(list(out), y_tr, ctx.cfg.label_smoothing)).tangent
     except (RuntimeError, NotImplementedError) as err:
         raise _forward_ad_error(err) from err
     return torch.zeros_like(ce) if dots is None else dots  # None: no dependence along the tangent
 
 
-def _central_difference(module, params, tangent, x_tr, y_tr, cfg) -> Tensor:
+def _central_difference(ctx: _HalfStepContext, tangent, x_tr, y_tr) -> Tensor:
     """The same directional derivatives by ``(l(θ + h v) - l(θ - h v)) / 2h``, ``‖h v‖ = fd_step``.
 
     Two train-mode forwards (scratch buffers), no AD through the model at all: for models
     that support neither forward mode nor double backward. Error O(h²) plus rounding.
     """
     norm = torch.sqrt(sum((t.float() ** 2).sum() for t in tangent.values()))
-    h = cfg.fd_step / norm.clamp_min(1e-30)
+    h = ctx.cfg.fd_step / norm.clamp_min(1e-30)
     outs = []
     with torch.no_grad():
         for sign in (1.0, -1.0):
-            shifted = {n: p.detach() + (sign * h).to(p.dtype) * tangent[n] for n, p in params.items()}
-            logits = functional_call(module, (shifted, _scratch_buffers(module)), (x_tr,))
-            outs.append(per_sample_ce(list(logits), y_tr, cfg.label_smoothing))
+            shifted = {n: p.detach() + (sign * h).to(p.dtype) * tangent[n] for n, p in ctx.params.items()}
+            logits = functional_call(ctx.module, (shifted, param_dicts.scratch_buffers(ctx.module)), (x_tr,))
+            outs.append(per_sample_ce(list(logits), y_tr, ctx.cfg.label_smoothing))
     return (outs[0] - outs[1]) / (2 * h)
 
 
-def _autograd_meta_grad(module, params, states, ce, weights, meta, cfg, coll, global_sync, weight_net):
+def _autograd_meta_grad(ctx: _HalfStepContext, states, ce, weights, meta):
     """Reference engine: double backward through the virtual step (autograd-aware all-reduces)."""
+    coll = ctx.coll
     loss = weighted_loss(ce, weights)
-    grads = _grad(loss, params, create_graph=True)
-    if global_sync:
-        flat = coll.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads.values()])) / coll.world_size
-        grads = _unflatten(flat, grads)
-    theta = virtual_step(params, grads, states)
-    meta_loss, alloc, _, _ = _meta_loss(module, theta, meta, cfg, coll, global_sync)
-    phi = [p for p in weight_net.parameters() if p.requires_grad]
+    grads = param_dicts.grad(loss, ctx.params, create_graph=True)
+    if ctx.global_sync:
+        flat = coll.all_reduce_sum(param_dicts.flatten(grads)) / coll.world_size
+        grads = param_dicts.unflatten(flat, grads)
+    theta = virtual_step(ctx.params, grads, states)
+    meta_loss, alloc, _, _ = _meta_loss(ctx, theta, meta)
+    phi = [p for p in ctx.weight_net.parameters() if p.requires_grad]
     for p, g in zip(phi, torch.autograd.grad(meta_loss, phi, retain_graph=True)):
         p.grad = g
     meta_loss = meta_loss.detach()
-    if global_sync:
+    if ctx.global_sync:
         meta_loss = coll.all_reduce_sum_(meta_loss.clone())
     return {n: g.detach() for n, g in grads.items()}, meta_loss, alloc
 
 
-def _meta_loss(module, theta, meta, cfg, coll, global_sync):
+def _meta_loss(ctx: _HalfStepContext, theta, meta):
     """This rank's share of the meta loss at θ' (global counts), the allocation counts, and the
     forward itself (logits, scratch buffers after it)."""
     x_me, y_me = meta
-    buffers = _scratch_buffers(module)
-    logits = list(functional_call(module, (theta, buffers), (x_me,)))
+    buffers = param_dicts.scratch_buffers(ctx.module)
+    logits = list(functional_call(ctx.module, (theta, buffers), (x_me,)))
     ce = per_sample_ce(logits, y_me, 0.0)
     conf = max_confidence(logits)
-    q = target_proportions(ce.shape[1], cfg.p)
-    if global_sync:  # decide on the concatenated meta batch (confidences only), keep our slice
-        all_conf = coll.all_gather_cat(conf)
-        start = coll.rank * conf.shape[0]
-        exit_of = allocate_exits(all_conf, q)[start : start + conf.shape[0]]
-        counts = exit_counts(all_conf.shape[0], q)
+    num_exits = ce.shape[1]
+    if ctx.global_sync:  # decide on the concatenated meta batch (confidences only), keep our slice
+        all_conf = ctx.coll.all_gather_cat(conf)
+        counts = target_counts(all_conf.shape[0], num_exits, ctx.cfg.p)
+        start = ctx.coll.rank * conf.shape[0]
+        exit_of = allocate_exits(all_conf, counts)[start : start + conf.shape[0]]
     else:
-        exit_of = allocate_exits(conf, q)
-        counts = exit_counts(conf.shape[0], q)
+        counts = target_counts(conf.shape[0], num_exits, ctx.cfg.p)
+        exit_of = allocate_exits(conf, counts)
     alloc = _to_device([float(c) for c in counts], ce)
     return meta_loss_from_allocation(ce, exit_of, counts), alloc, logits, buffers
+
+
+def _reduce_weight_net_grads(ctx: _HalfStepContext) -> None:
+    """Global sync: sum the ranks' shares of ∂meta/∂φ. Local: average (as a DDP weight net would)."""
+    if ctx.coll.world_size == 1:
+        return
+    grads = {n: p.grad for n, p in ctx.weight_net.named_parameters() if p.grad is not None}
+    if not grads:
+        return
+    flat = ctx.coll.all_reduce_sum_(param_dicts.flatten(grads))
+    if not ctx.global_sync:
+        flat /= ctx.coll.world_size
+    param_dicts.copy_(grads, param_dicts.unflatten(flat, grads))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -364,90 +406,8 @@ def weighted_loss(ce: Tensor, weights: Tensor) -> Tensor:
     return (weights * ce).sum() / ce.shape[0]
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / DataParallel / DeepSpeed / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "DeepSpeedEngine":
-            model = model.module
-        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _upcast(z: Tensor) -> Tensor:
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-
-
-def _scratch_buffers(module: nn.Module) -> dict[str, Tensor]:
-    """Copies of the buffers: virtual forwards in train mode update these, never the model's.
-
-    Copied as one flat tensor per (dtype, device) and viewed back (a few kernels, not one per
-    buffer: MSDNet has 330-560 BatchNorm buffers); non-contiguous buffers are cloned.
-    """
-    out: dict[str, Tensor] = {}
-    groups: dict[tuple, list[tuple[str, Tensor]]] = {}
-    for name, b in module.named_buffers():
-        if b.is_contiguous():
-            groups.setdefault((b.dtype, b.device), []).append((name, b))
-        else:
-            out[name] = b.clone()
-    for members in groups.values():
-        flat = torch.cat([b.reshape(-1) for _, b in members])
-        pieces = flat.split([b.numel() for _, b in members])
-        out.update((name, piece.view(b.shape)) for (name, b), piece in zip(members, pieces))
-    return out
-
-
-def _scale(factor: dict[str, Tensor | float], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``factor[n] * tensors[n]``; equal float factors (SGD) by one multi-tensor op."""
-    out: dict[str, Tensor] = {}
-    by_float: dict[float, list[str]] = {}
-    for name, f in factor.items():
-        if isinstance(f, Tensor):
-            out[name] = f * tensors[name]
-        else:
-            by_float.setdefault(f, []).append(name)
-    for f, names in by_float.items():
-        out.update(zip(names, torch._foreach_mul([tensors[n] for n in names], f)))
-    return {name: out[name] for name in factor}
-
-
-def _grad(loss: Tensor, wrt: dict[str, Tensor], **kw) -> dict[str, Tensor]:
-    """``autograd.grad`` by name; parameters the loss does not reach get zeros."""
-    grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True, **kw)
-    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(wrt.items(), grads)}
-
-
-def _unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    out, offset = {}, 0
-    for n, t in like.items():
-        out[n] = flat[offset : offset + t.numel()].view_as(t)
-        offset += t.numel()
-    return out
-
-
-def _all_reduce_mean(tensors: dict[str, Tensor], coll: Collectives) -> dict[str, Tensor]:
-    flat = coll.all_reduce_sum_(torch.cat([t.detach().reshape(-1) for t in tensors.values()]))
-    return _unflatten(flat / coll.world_size, tensors)
-
-
-def _reduce_weight_net_grads(weight_net: nn.Module, coll: Collectives, global_sync: bool) -> None:
-    """Global sync: sum the ranks' shares of ∂meta/∂φ. Local: average (as a DDP weight net would)."""
-    if coll.world_size == 1:
-        return
-    params = [p for p in weight_net.parameters() if p.grad is not None]
-    if not params:
-        return
-    flat = coll.all_reduce_sum_(torch.cat([p.grad.reshape(-1) for p in params]))
-    if not global_sync:
-        flat /= coll.world_size
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 def _forward_ad_error(err: Exception) -> Exception:

@@ -1,27 +1,41 @@
 """The seam between the algorithm and whoever applies the real update.
 
-The L2W step needs two things from "the optimizer": the state a *virtual* step reads
-(hyper-parameters, momentum / Adam moments, step count, per parameter) and a way to
-apply the *real* update (backward, step). A plain ``torch.optim`` optimizer provides
-both through :class:`TorchOptimizerUpdate`; distributed backends (DeepSpeed ZeRO,
-whose optimizer state is sharded) provide their own object with the same methods.
+The L2W step needs four things from "the optimizer": the state a *virtual* step reads
+(hyper-parameters, momentum / Adam moments, step count, per parameter), a way to apply
+the *real* update (backward, step), the plain module behind the model it is given (for
+``torch.func.functional_call``) and a ``no_sync()`` context for a forward whose backward
+is not a training backward. A plain ``torch.optim`` optimizer provides the first two
+through :class:`TorchOptimizerUpdate`, which the distributed backends build with the
+wrapper's module and ``no_sync``; DeepSpeed ZeRO, whose optimizer state is sharded,
+provides its own object with the same members.
+
+Which torch optimizers the virtual step mimics is decided in one place,
+:func:`optimizer_kind`, and their state is read by one translation, :func:`param_state`
+(also used on the state DeepSpeed gathers from its shards): ``torch.optim.SGD``,
+``torch.optim.AdamW``, and ``torch.optim.Adam`` when its update *is* AdamW's, i.e.
+without L2 weight decay (``weight_decay=0``, or ``decoupled_weight_decay=True``). Adam
+with L2 weight decay adds ``wd·θ`` to the gradient before the moments, a step the virtual
+step does not implement, so it is refused, as are ``maximize`` and ``amsgrad``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
 class ParamOptState:
     """What one parameter's optimizer would use in its next step (full, unsharded tensors).
 
-    ``step`` is the number of steps already taken (the next step is ``step + 1``).
-    Buffers are ``None`` before they exist (SGD before its first step).
+    ``step`` is the number of steps already taken (the next step is ``step + 1``; 0 for
+    SGD, which keeps no count and does not need one). Buffers are ``None`` before they
+    exist (SGD before its first step).
     """
 
     kind: Literal["sgd", "adamw"]
@@ -38,9 +52,81 @@ class ParamOptState:
     exp_avg_sq: Tensor | None = None
 
 
+class UnsupportedOptimizerError(TypeError, ValueError):
+    """The virtual step cannot mimic this optimizer (its class or one of its settings).
+
+    Both a TypeError (the wrong kind of optimizer) and a ValueError (a setting the step
+    cannot use), so callers may catch either.
+    """
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> Literal["sgd", "adamw"]:
+    """ "sgd" or "adamw": the update the virtual step mimics for ``optimizer``; others are refused."""
+    name = type(optimizer).__name__
+    for group in optimizer.param_groups:
+        for flag in ("maximize", "amsgrad"):
+            if group.get(flag, False):
+                raise UnsupportedOptimizerError(f"{name}({flag}=True) is not supported by the L2W virtual step")
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if isinstance(optimizer, torch.optim.AdamW):
+        return "adamw"
+    if type(optimizer) is torch.optim.Adam:
+        if all(g["weight_decay"] == 0 or g.get("decoupled_weight_decay", False) for g in optimizer.param_groups):
+            return "adamw"  # the same update as AdamW's
+        raise UnsupportedOptimizerError(
+            "Adam with L2 weight decay (weight_decay > 0, decoupled_weight_decay=False) is not supported by "
+            "the L2W virtual step; use torch.optim.AdamW, or Adam with weight_decay=0"
+        )
+    raise UnsupportedOptimizerError(
+        f"optimizer {name} is not supported by the L2W virtual step; use torch.optim.SGD, torch.optim.AdamW "
+        "(or Adam without L2 weight decay), or pass a custom RealUpdate"
+    )
+
+
+def param_state(kind: Literal["sgd", "adamw"], group: dict, state: dict) -> ParamOptState:
+    """A :class:`ParamOptState` from a torch param group and one parameter's torch state.
+
+    ``kind`` is :func:`optimizer_kind` of the optimizer; ``state`` holds the parameter's
+    buffers (``momentum_buffer``, or ``exp_avg`` / ``exp_avg_sq`` / ``step``), possibly none yet.
+    """
+    if kind == "sgd":
+        return ParamOptState(
+            kind="sgd",
+            lr=float(group["lr"]),
+            weight_decay=float(group.get("weight_decay", 0.0)),
+            momentum=float(group.get("momentum", 0.0)),
+            dampening=float(group.get("dampening", 0.0)),
+            nesterov=bool(group.get("nesterov", False)),
+            momentum_buffer=state.get("momentum_buffer"),
+        )
+    step = state.get("step")
+    return ParamOptState(
+        kind="adamw",
+        lr=float(group["lr"]),
+        weight_decay=float(group.get("weight_decay", 0.0)),
+        betas=(float(group["betas"][0]), float(group["betas"][1])),
+        eps=float(group["eps"]),
+        step=0 if step is None else int(step.item() if isinstance(step, Tensor) else step),
+        exp_avg=state.get("exp_avg"),
+        exp_avg_sq=state.get("exp_avg_sq"),
+    )
+
+
 @runtime_checkable
 class RealUpdate(Protocol):
-    """Applies the real update and exposes the state the virtual step mimics."""
+    """Applies the real update and exposes what the virtual step and the step's forwards need.
+
+    ``module``: the plain ``nn.Module`` behind the model the L2W step calls forward on (for
+    ``functional_call``), or ``None`` when that model is the plain module itself.
+    ``no_sync()``: a context in which a forward through that model sets up no gradient
+    synchronisation (DDP's ``no_sync``; a null context where there is nothing to suppress).
+    Optional: ``step_with_grads(grads, params)`` (needed by ``real_weights="pre_update"``).
+    """
+
+    module: nn.Module | None
+
+    def no_sync(self) -> contextlib.AbstractContextManager: ...
 
     def virtual_state(self, params: dict[str, Tensor]) -> dict[str, ParamOptState]:
         """Optimizer state for each named parameter (names as in ``module.named_parameters()``)."""
@@ -53,67 +139,43 @@ class RealUpdate(Protocol):
     def step(self) -> None: ...
 
 
-def _float(value) -> float:
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
-
-
-def _param_state(optimizer: torch.optim.Optimizer, group: dict, state: dict, name: str) -> ParamOptState:
-    if group.get("maximize", False):
-        raise ValueError(f"maximize=True (parameter {name!r}) is not supported by the virtual step")
-    if isinstance(optimizer, torch.optim.SGD):
-        return ParamOptState(
-            kind="sgd",
-            lr=_float(group["lr"]),
-            weight_decay=float(group["weight_decay"]),
-            momentum=float(group["momentum"]),
-            dampening=float(group["dampening"]),
-            nesterov=bool(group["nesterov"]),
-            momentum_buffer=state.get("momentum_buffer"),
-        )
-    is_adamw = isinstance(optimizer, torch.optim.AdamW)
-    is_adam = type(optimizer) is torch.optim.Adam
-    if is_adam and (group["weight_decay"] == 0 or group.get("decoupled_weight_decay", False)):
-        is_adamw = True
-    if is_adamw:
-        if group.get("amsgrad", False):
-            raise ValueError(f"amsgrad=True (parameter {name!r}) is not supported by the virtual step")
-        step = state.get("step", 0)
-        return ParamOptState(
-            kind="adamw",
-            lr=_float(group["lr"]),
-            weight_decay=float(group["weight_decay"]),
-            betas=(float(group["betas"][0]), float(group["betas"][1])),
-            eps=float(group["eps"]),
-            step=int(step.item()) if isinstance(step, Tensor) else int(step),
-            exp_avg=state.get("exp_avg"),
-            exp_avg_sq=state.get("exp_avg_sq"),
-        )
-    raise ValueError(
-        f"optimizer {type(optimizer).__name__} is not supported by the virtual step; allowed: "
-        "torch.optim.SGD, torch.optim.AdamW (and Adam without L2 weight decay), or a custom RealUpdate"
-    )
-
-
 class TorchOptimizerUpdate:
-    """:class:`RealUpdate` over a ``torch.optim.SGD`` / ``AdamW`` (optionally clipping grads)."""
+    """:class:`RealUpdate` over a ``torch.optim`` optimizer (see :func:`optimizer_kind`), optionally clipping grads.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, grad_clip_norm: float | None = None):
+    ``module`` and ``no_sync``: those of the wrapper the model is called through (DDP:
+    ``ddp.module`` and ``ddp.no_sync``); the defaults suit a plain model.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        grad_clip_norm: float | None = None,
+        *,
+        module: nn.Module | None = None,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ):
         self.optimizer = optimizer
         self.grad_clip_norm = grad_clip_norm
+        self.module = module
+        self._no_sync = no_sync
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self._no_sync() if self._no_sync is not None else contextlib.nullcontext()
 
     def virtual_state(self, params: dict[str, Tensor]) -> dict[str, ParamOptState]:
-        """Read lr, hyper-parameters and buffers of SGD / AdamW (``Adam`` without L2 decay too).
+        """Read lr, hyper-parameters and buffers of every named parameter.
 
         Parameters are matched to param groups by identity, so the names may be those of
         ``ddp.module`` while the optimizer was built on the wrapper's parameters.
         """
+        kind = optimizer_kind(self.optimizer)
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         out: dict[str, ParamOptState] = {}
         for name, p in params.items():
             group = group_of.get(id(p))
             if group is None:
                 raise ValueError(f"parameter {name!r} requires grad but is not in the optimizer")
-            out[name] = _param_state(self.optimizer, group, self.optimizer.state.get(p, {}), name)
+            out[name] = param_state(kind, group, self.optimizer.state.get(p, {}))
         return out
 
     def step_with_grads(self, grads: dict[str, Tensor], params: dict[str, Tensor]) -> None:
