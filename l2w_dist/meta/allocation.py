@@ -53,7 +53,7 @@ def _check_target(num_exits: int, p: float) -> None:
     if num_exits < 1:
         raise ValueError(f"num_exits={num_exits} must be >= 1")
     if not p > 0:
-        raise ValueError(f"p={p} must be > 0 (the geometric ratio of the exit proportions)")
+        raise ValueError(f"p must be > 0 (the geometric ratio of the exit proportions); got {p!r}")
 
 
 def allocate_exits(confidences: Tensor, counts: list[int]) -> Tensor:
