@@ -18,7 +18,7 @@ from l2w_dist.meta import (
     l2w_iteration,
     target_proportions,
 )
-from tests.meta_helpers import (
+from tests.helpers.l2w_reference import (
     TinyExitMLP,
     TinyMSDNetLike,
     loop_allocate,
