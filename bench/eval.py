@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from l2w_dist.evaluate import DEFAULT_PS, budgeted, confidence_and_prediction  # noqa: E402
 from l2w_dist.evaluate.metrics import budgeted_from_confidence  # noqa: E402
-from tests.test_evaluate import literal_find_threshold, literal_with_threshold  # noqa: E402
+from tests.helpers.eval_reference import literal_find_threshold, literal_with_threshold  # noqa: E402
 
 
 def release_style_point(h_max, t_max, t_arg, t_labels, flops, p):

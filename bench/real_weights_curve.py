@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from l2w_dist.meta import L2WConfig, WeightNet, l2w_iteration
-from tests.meta_helpers import TinyExitMLP
+from tests.helpers.l2w_reference import TinyExitMLP
 
 MODES = ("plain", "updated", "pre_update")
 

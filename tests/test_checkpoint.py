@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from l2w_dist.engine.checkpoint import CheckpointManager, load_checkpoint, rng_state, save_atomic, set_rng_state
@@ -23,6 +24,7 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     assert expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
 
 
+@pytest.mark.integration
 def test_kill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.pt"
     save_atomic({"step": 1, "w": torch.ones(4)}, path)

@@ -195,6 +195,7 @@ def test_roundtrip_fashion_mnist_idx(tmp_path):
     assert json.loads(sidecar.read_text())["classes"][0] == "T-shirt/top"
 
 
+@pytest.mark.integration
 def test_roundtrip_numpy_and_parallel_writer_is_byte_identical(tmp_path):
     npz = make_npz(tmp_path / "in.npz")
     a = write_shards("numpy", npz, tmp_path / "a/n", maxcount=6, holdout=4, seed=3, workers=1, progress=False)
@@ -282,6 +283,7 @@ def test_partition_covers_every_sample_once():
         assert sorted(seen) == sorted((s, j) for s in range(n_shards) for j in range(sizes[s]))
 
 
+@pytest.mark.integration
 def test_exact_eval_2_ranks_2_workers_each_sample_once(npz_shards):
     per_rank = []
     for rank in range(2):
@@ -293,6 +295,7 @@ def test_exact_eval_2_ranks_2_workers_each_sample_once(npz_shards):
     assert sorted(per_rank[0] + per_rank[1]) == list(range(1000, 1021))
 
 
+@pytest.mark.integration
 def test_resampled_equal_batches_per_rank_uneven_shards(npz_shards):
     counts = []
     for rank in range(2):
@@ -349,6 +352,7 @@ def noisy_tensor(image):
     return pil_to_tensor(image).float() + torch.rand(())
 
 
+@pytest.mark.integration
 def test_train_deterministic_epochs_and_exact_resume(npz_shards):
     def make():
         return build_train_loader(
@@ -465,7 +469,7 @@ def test_corrupt_samples_skipped_and_counted(tmp_path, caplog):
     assert len(warnings) >= 3  # 2 corrupt images + the truncated tar (at least)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.integration)])
 def test_bad_data_totals_summed_over_workers(tmp_path, num_workers):
     """The loader's bad_data() sums every worker's counts (shared memory), across epochs."""
     spec = _corrupt_spec(tmp_path, n_good=20, n_bad=2)
@@ -487,7 +491,7 @@ def test_bad_data_totals_summed_over_workers(tmp_path, num_workers):
     assert ev.bad_data() == (2 * bad, 2 * read)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.integration)])
 def test_bad_fraction_threshold_stops_the_run(tmp_path, num_workers):
     spec = _corrupt_spec(tmp_path, n_good=20, n_bad=4)
     ev = build_eval_loader(
@@ -541,6 +545,7 @@ def test_prepare_fashion_mnist_idempotent(tmp_path, monkeypatch):
     assert shard.exists()  # incomplete: rebuilt
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").exists(), reason="needs apt package dataset-fashion-mnist"
@@ -592,7 +597,7 @@ def test_uint8_transforms_with_device_normalizer_equal_loader_normalization(kind
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.integration)])
 def test_loader_normalisation_in_the_batch_equals_the_transforms(npz_shards, channels_last, num_workers):
     """build_*_loader(normalize=(mean, std)) over uint8 transforms = normalising transforms."""
     from l2w_dist.data import DATASET_INFO

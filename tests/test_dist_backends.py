@@ -131,6 +131,7 @@ def _all_zero_cases(env: DistEnv) -> dict:
     return {(stage, opt): _zero_vs_reference(env, stage, opt) for stage, opt in cases}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("world", [2, 4])
 def test_zero_virtual_state_equals_torch_optimizer_state(world):
     """ZeRO-1/2 on 2 and 4 ranks: DeepSpeedUpdate.virtual_state is exactly a torch optimizer's state.

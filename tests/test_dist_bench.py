@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import scaling
+
+pytestmark = pytest.mark.integration
 
 
 def test_scaling_bench_counts_bytes(tmp_path):

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from l2w_dist.distributed.backends import build_backend
 from l2w_dist.distributed.env import DistEnv
 from l2w_dist.distributed.testing import run_ranks
 from l2w_dist.meta import L2WConfig, LocalCollectives, WeightNet, l2w_half_step, l2w_iteration
-from tests.meta_helpers import (
+from tests.helpers.l2w_reference import (
     TinyExitMLP,
     TinyMSDNetLike,
     make_optimizer,
     max_rel_diff,
-    reference_meta_loss,
+    mean_gradients_over_ranks,
+    reference_half_step,
 )
 
 B = 4  # per-rank half batch
@@ -90,6 +90,7 @@ def _zero_vs_ddp(env: DistEnv) -> list[tuple[dict, int, float, float]]:
     return out
 
 
+@pytest.mark.integration
 def test_zero1_zero2_equal_ddp_after_three_l2w_iterations():
     for rank_results in run_ranks(_zero_vs_ddp, 2, timeout_s=170):
         for case, stage, diff, moved in rank_results:
@@ -150,31 +151,15 @@ def _fresh(case):
     )
 
 
-def _local_reference(case, x, y, world):
+def _local_reference(case, x, y):
     """Released per-rank step, literally: copy + create_graph on local data, local BatchNorm,
     weight-net gradient and real gradient averaged over ranks by hand."""
     model, wnet, opt, mopt = _fresh(case)
     cfg = L2WConfig(epsilon=0.8, constraint=case["constraint"], sync="local")
     for tr, me in ((0, 1), (1, 0)):
-        meta_loss = reference_meta_loss(model, wnet, opt, (x[tr], y[tr]), (x[me], y[me]), cfg)
-        mopt.zero_grad()
-        meta_loss.backward()
-        for p in wnet.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        mopt.step()
-        logits = model(x[tr])
-        ce = torch.stack([F.cross_entropy(z, y[tr], reduction="none") for z in logits], 1)
-        with torch.no_grad():
-            t = wnet(ce.detach())
-            mean = {"mat": t.mean(), "col": t.mean(1, keepdim=True), "row": t.mean(0, keepdim=True)}
-            w = 1 + cfg.epsilon * (t - mean[case["constraint"]])
-        opt.zero_grad()
-        ((w * ce).sum() / ce.shape[0]).backward()
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        opt.step()
+        reference_half_step(
+            model, wnet, opt, mopt, (x[tr], y[tr]), (x[me], y[me]), cfg, average_gradients=mean_gradients_over_ranks
+        )
     return _state(model, wnet)
 
 
@@ -224,7 +209,7 @@ def _bn_worker(env: DistEnv) -> dict:
         backend = build_backend("ddp", model, opt, env=env)
         _two_halves(backend.model, wnet, backend.update, mopt, x[:, mine], y[:, mine], cfg)
         got = _state(backend.module, wnet)
-        want = _local_reference(case, x[:, mine], y[:, mine], world)
+        want = _local_reference(case, x[:, mine], y[:, mine])
         # DDP broadcasts rank 0's buffers before each forward: running statistics are rank 0's
         # history on every rank, so they are compared on rank 0 only.
         keys = [k for k in got if r == 0 or not ("running" in k or "num_batches" in k)]
@@ -232,6 +217,7 @@ def _bn_worker(env: DistEnv) -> dict:
     return out
 
 
+@pytest.mark.integration
 def test_batchnorm_global_with_sync_bn_equals_one_process_and_local_matches_reference():
     for rank, res in enumerate(run_ranks(_bn_worker, 2, timeout_s=170)):
         for i, case in enumerate(BN_CASES):

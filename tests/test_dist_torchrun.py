@@ -9,57 +9,19 @@ steps with ``sync="global"`` exactly where one process does on the concatenated 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from l2w_dist.distributed.testing import free_port
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "dist_scripts" / "equality.py"
+from tests.helpers.torchrun import run_torchrun
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).resolve().parent / "dist_scripts" / "equality.py"
 
 
 def test_two_torchrun_nodes_equal_one_process(tmp_path):
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    agents = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc-per-node",
-                "2",
-                "--node-rank",
-                str(node),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-                str(SCRIPT),
-                "--out",
-                str(tmp_path),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
-    logs = []
-    try:
-        for a in agents:
-            logs.append(a.communicate(timeout=150)[0])
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                a.kill()
-                a.wait()
-    assert all(a.returncode == 0 for a in agents), "\n".join(log[-3000:] for log in logs)
+    run_torchrun([str(SCRIPT), "--out", str(tmp_path)], nnodes=2, nproc_per_node=2)
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     for r, rec in enumerate(records):
         assert (rec["rank"], rec["world_size"], rec["num_nodes"], rec["local_world_size"]) == (r, 4, 2, 2)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import random
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,8 @@ import torch
 from torch import nn
 
 from l2w_dist.data import ReseededLoader
+from l2w_dist.distributed.env import DistEnv
+from l2w_dist.distributed.testing import run_ranks
 from l2w_dist.evaluate import (
     DEFAULT_PS,
     anytime,
@@ -33,77 +30,7 @@ from l2w_dist.evaluate import (
     target_proportions,
     write_eval_json,
 )
-
-# ---------------------------------------------------------------------------------------
-# The literal per-sample loop, following the released dynamic_evaluate
-# (kalviny/MSDNet-PyTorch, LeapLabTHU/L2W-DEN tools/adaptive_inference.py) step by step.
-# Only change: the tensors are turned into Python lists first, for speed; the values
-# and the order of every comparison are the same.
-# ---------------------------------------------------------------------------------------
-
-
-def literal_softmax_max(logits):
-    max_preds, argmax_preds = [], []
-    for k in range(logits.shape[0]):
-        m, a = torch.nn.Softmax(dim=1)(logits[k]).max(dim=1)
-        max_preds.append(m)
-        argmax_preds.append(a)
-    return torch.stack(max_preds), torch.stack(argmax_preds)
-
-
-def literal_find_threshold(max_preds, p):
-    n_stage, n_sample = max_preds.shape
-    _, sorted_idx = max_preds.sort(dim=1, descending=True)
-    mp = max_preds.tolist()
-    si = sorted_idx.tolist()
-    filtered = [0] * n_sample
-    T = [1e8] * n_stage
-    for k in range(n_stage - 1):
-        count = 0
-        out_n = math.floor(n_sample * p[k])  # p[k] a float32 tensor: float32 product
-        for i in range(n_sample):
-            ori_idx = si[k][i]
-            if filtered[ori_idx] == 0:
-                count += 1
-                if count == out_n:
-                    T[k] = mp[k][ori_idx]
-                    break
-        for i in range(n_sample):  # filtered.add_(max_preds[k].ge(T[k]))
-            filtered[i] += 1 if mp[k][i] >= T[k] else 0
-    T[n_stage - 1] = -1e8
-    return T
-
-
-def literal_with_threshold(max_preds, argmax_preds, targets, flops, T):
-    n_stage, n_sample = max_preds.shape
-    mp, ap, tg = max_preds.tolist(), argmax_preds.tolist(), targets.tolist()
-    acc, exp = 0, [0] * n_stage
-    for i in range(n_sample):
-        for k in range(n_stage):
-            if mp[k][i] >= T[k]:
-                if tg[i] == ap[k][i]:
-                    acc += 1
-                exp[k] += 1
-                break
-    expected_flops = 0.0
-    for k in range(n_stage):
-        expected_flops += exp[k] / n_sample * flops[k]
-    return acc, exp, expected_flops
-
-
-def literal_budgeted(h_logits, h_labels, t_logits, t_labels, flops, ps):
-    h_max, _ = literal_softmax_max(h_logits)
-    t_max, t_arg = literal_softmax_max(t_logits)
-    n_stage, n_test = t_max.shape
-    out = []
-    for p in ps:
-        _p = torch.FloatTensor(1).fill_(p)
-        probs = torch.exp(torch.log(_p) * torch.arange(1, n_stage + 1).float())
-        probs /= probs.sum()
-        T = literal_find_threshold(h_max, probs)
-        acc, exp, exp_flops = literal_with_threshold(t_max, t_arg, t_labels, flops, T)
-        out.append({"p": p, "flops": exp_flops, "top1": acc * 100.0 / n_test, "T": T, "exp": exp})
-    return out
+from tests.helpers.eval_reference import literal_budgeted, literal_softmax_max, literal_with_threshold
 
 
 def _make_logits(kind, num_exits, n, num_classes, gen):
@@ -372,47 +299,22 @@ def test_plot_curves_cli(tmp_path, capsys):
     assert "neither a built-in set" in capsys.readouterr().err
 
 
-_DIST_WORKER = textwrap.dedent(
-    """
-    import sys, torch, torch.distributed as dist
-    from l2w_dist.evaluate import collect_logits
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _collect_logits_on_rank(env: DistEnv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     xs = torch.randn(11, 4)
     ys = torch.arange(11)
     # disjoint, unequal parts: rank 0 gets samples 0..6, rank 1 gets 7..10
-    part = slice(0, 7) if rank == 0 else slice(7, 11)
-    loader = [(xs[part][i:i + 3], ys[part][i:i + 3]) for i in range(0, len(ys[part]), 3)]
+    part = slice(0, 7) if env.rank == 0 else slice(7, 11)
+    loader = [(xs[part][i : i + 3], ys[part][i : i + 3]) for i in range(0, len(ys[part]), 3)]
     logits, labels = collect_logits(model, loader, "cpu")
     with torch.no_grad():
         full = model(xs)
-    assert labels.tolist() == list(range(11)), labels
-    assert logits.shape == (1, 11, 3) and torch.allclose(logits[0], full), logits
-    if rank == 0:
-        open(out, "w").write("ok")
-    dist.destroy_process_group()
-    """
-)
+    return logits, labels, full
 
 
-def test_collect_logits_gathers_across_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(_DIST_WORKER)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "ok"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), "2", str(port), str(out)], env=env, stderr=subprocess.PIPE, text=True
-        )
-        for r in range(2)
-    ]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), errs
-    assert out.read_text() == "ok"
+@pytest.mark.integration
+def test_collect_logits_gathers_across_ranks():
+    for logits, labels, full in run_ranks(_collect_logits_on_rank, 2):
+        assert labels.tolist() == list(range(11)), labels
+        assert logits.shape == (1, 11, 3) and torch.allclose(logits[0], full), logits

@@ -9,23 +9,9 @@ import re
 import signal
 import time
 
-import launch_stand_in
 import pytest
 import submitit
 import torch
-from launch_testutil import (
-    REPO,
-    STAND_IN,
-    children,
-    demo_overrides,
-    launcher_env,
-    prepared_demo_data,
-    requeue_log,
-    run_launcher,
-    start_launcher,
-    trace_steps,
-    wait_until,
-)
 
 from l2w_dist.launch import (
     IMAGENET,
@@ -39,6 +25,20 @@ from l2w_dist.launch import (
     submitit_internals,
 )
 from l2w_dist.launch.submitit_internals import SubmititInternalsError
+from tests import launch_stand_in
+from tests.launch_testutil import (
+    REPO,
+    STAND_IN,
+    children,
+    demo_overrides,
+    launcher_env,
+    prepared_demo_data,
+    requeue_log,
+    run_launcher,
+    start_launcher,
+    trace_steps,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -160,6 +160,7 @@ def test_bad_options_fail_before_submission(tmp_path, tiny_config, cluster, argv
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_config_error_names_the_key_and_submits_nothing(tmp_path, tiny_config):
     out = tmp_path / "run"
     res = run_launcher(
@@ -317,6 +318,7 @@ def test_a_missing_private_attribute_stops_the_launch_before_submission(tmp_path
 # ------------------------------------------------------------- debug and local clusters
 
 
+@pytest.mark.integration
 def test_debug_cluster_preempted_run_requeues_in_process_and_matches(tmp_path, tiny_config):
     """USR2 mid-training: checkpoint at an iteration boundary, re-run, same final parameters."""
     out = tmp_path / "run"
@@ -348,6 +350,7 @@ def test_debug_cluster_preempted_run_requeues_in_process_and_matches(tmp_path, t
     assert "finished at step 60" in (tmp_path / "launcher.log").read_text()
 
 
+@pytest.mark.integration
 def test_max_requeues_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, tiny_config):
     out = tmp_path / "run"
     proc = start_launcher(
@@ -399,6 +402,7 @@ def test_max_requeues_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path
     assert trace_steps(out) == 60
 
 
+@pytest.mark.integration
 def test_local_cluster_two_ranks_requeue_resumes_exactly(tmp_path, tiny_config):
     """2 gloo ranks as local processes; USR2 to every rank (as Slurm sends it); the job
     requeues itself (submitit's local controller restarts it) and resumes from the checkpoint."""
@@ -444,6 +448,7 @@ def test_local_cluster_two_ranks_requeue_resumes_exactly(tmp_path, tiny_config):
     assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"] and envs[0]["MASTER_ADDR"] == envs[1]["MASTER_ADDR"]
 
 
+@pytest.mark.integration
 def test_array_gives_each_task_its_run_folder(tmp_path, tiny_config):
     out = tmp_path / "sweep"
     start = time.monotonic()
@@ -481,6 +486,7 @@ def demo_data(tmp_path_factory):
     return prepared_demo_data(tmp_path_factory)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("cluster, tasks", [("debug", 1), ("local", 2)])
 def test_demo_runs_without_slurm(tmp_path, demo_data, cluster, tasks):
     """The same job as on Slurm: --cluster debug (one rank, in process), --cluster local (2 gloo ranks)."""
@@ -515,6 +521,7 @@ def test_demo_runs_without_slurm(tmp_path, demo_data, cluster, tasks):
     assert log["events"][0]["world_size"] == tasks
 
 
+@pytest.mark.integration
 def test_relaunch_into_the_same_folder_resumes(tmp_path, tiny_config):
     """A second launch with the same --output continues the run (it is not a requeue)."""
     out = tmp_path / "run"
@@ -563,6 +570,7 @@ def test_overrides_may_be_mixed_with_options(tmp_path, tiny_config, capsys):
     assert code == 2 and "optim.lr=abc meta.interval=3" in err and "must be a number" in err
 
 
+@pytest.mark.integration
 def test_wandb_link_is_printed_and_its_run_id_reaches_the_job(tmp_path, tiny_config):
     out = tmp_path / "run"
     res = run_launcher(
@@ -603,6 +611,7 @@ def test_wandb_link_is_printed_and_its_run_id_reaches_the_job(tmp_path, tiny_con
     assert "W&B" not in res.stdout
 
 
+@pytest.mark.integration
 def test_a_failing_job_is_reported_with_its_error(tmp_path, tiny_config):
     out = tmp_path / "run"
     res = run_launcher(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from l2w_dist.meta import L2WConfig, WeightNet, l2w_half_step, l2w_iteration
-from tests.meta_helpers import TinyMSDNetLike
+from tests.helpers.l2w_reference import TinyMSDNetLike
 
 
 def _setup(seed: int = 0):

@@ -18,7 +18,7 @@ from l2w_dist.meta import (
     target_counts,
     target_proportions,
 )
-from tests.meta_helpers import (
+from tests.helpers.l2w_reference import (
     TinyExitMLP,
     TinyMSDNetLike,
     loop_allocate,

@@ -17,10 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-import launch_stand_in
 import pytest
 import torch
-from launch_testutil import (
+
+from l2w_dist.distributed.testing import free_port
+from tests import launch_stand_in
+from tests.launch_testutil import (
     REPO,
     STAND_IN,
     demo_overrides,
@@ -33,7 +35,7 @@ from launch_testutil import (
     wait_until,
 )
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 HARNESS = REPO / "tests" / "slurm_harness.sh"
 
@@ -174,16 +176,10 @@ def _conf_with_port(tmp_path: Path, port: int) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_controller_fails_fast(slurm, tmp_path, tiny_config):
     """Nothing listens on the controller's port: `scontrol ping` says DOWN at once."""
     env = launcher_env()
-    env["SLURM_CONF"] = str(_conf_with_port(tmp_path, _free_port()))
+    env["SLURM_CONF"] = str(_conf_with_port(tmp_path, free_port()))
     start = time.monotonic()
     res = run_launcher(
         [

@@ -7,38 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from l2w_dist.data import write_shards
 from l2w_dist.engine.checkpoint import load_checkpoint
 from l2w_dist.engine.trainer import NonFiniteLossError
 from l2w_dist.train import run_training
+from tests.helpers.tiny_run import make_tiny_spec, overrides
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_CLASSES = 4
 
 
 @pytest.fixture(scope="module")
 def tiny_spec(tmp_path_factory) -> str:
     return make_tiny_spec(tmp_path_factory.mktemp("tiny_data"))
-
-
-def make_tiny_spec(folder: Path) -> str:
-    """320 training (64 held out) and 64 test images of 4 classes: a colour per class + noise."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = rng.integers(0, NUM_CLASSES, n)
-        base = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]])[y]
-        x = base[:, None, None, :] + rng.normal(0, 40, (n, 32, 32, 3))
-        return np.clip(x, 0, 255).astype(np.uint8), y
-
-    (tx, ty), (vx, vy) = make(320), make(64)
-    np.savez(folder / "tiny.npz", train_x=tx, train_y=ty, test_x=vx, test_y=vy)
-    sidecar = write_shards("numpy", folder / "tiny.npz", folder / "tiny", maxcount=100, holdout=64, progress=False)
-    return str(sidecar)
 
 
 def wandb_record_bytes(path: Path) -> bytes:
@@ -59,25 +43,6 @@ def wandb_record_bytes(path: Path) -> bytes:
         parts.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
     return b"".join(parts)
-
-
-def overrides(spec: str, **extra) -> list[str]:
-    base = {
-        "model.name": "msdnet_cifar",
-        "model.options": f"{{num_classes: {NUM_CLASSES}, num_blocks: 3, channels: 4, growth_rate: 2}}",
-        "data.dataset": "cifar",
-        "data.spec": spec,
-        "data.num_workers": 0,
-        "data.eval_batch_size": 64,
-        "meta.hidden": 16,
-        "optim.lr": 0.05,
-        "train.batch_size": 16,
-        "train.epochs": 2,
-        "train.log_every": 1,
-        "eval.every_epochs": 0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def final_state(run_dir: Path) -> dict:

@@ -5,42 +5,21 @@ optimizer state is saved in torch format, so a run may change backend), and eval
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from test_train import make_tiny_spec, overrides
+import pytest
 
-from l2w_dist.distributed.testing import free_port
 from l2w_dist.engine.checkpoint import load_checkpoint
+from tests.helpers.tiny_run import make_tiny_spec, overrides
+from tests.helpers.torchrun import REPO, run_torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
 
 
-def torchrun(run_dir: Path, args: list[str], nproc: int = 2) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "l2w_dist.train",
-        "--config",
-        str(ROOT / "configs/demo.yaml"),
-        "--output",
-        str(run_dir),
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout
+def torchrun(run_dir: Path, args: list[str]) -> str:
+    """``l2w_dist.train`` on configs/demo.yaml under torchrun, 2 ranks; returns its stdout."""
+    config = str(REPO / "configs" / "demo.yaml")
+    return run_torchrun(["-m", "l2w_dist.train", "--config", config, "--output", str(run_dir), *args])[0]
 
 
 def test_ddp_then_zero2_resume_and_evaluate(tmp_path):

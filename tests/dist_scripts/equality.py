@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from l2w_dist.distributed import cleanup, init_distributed  # noqa: E402
 from l2w_dist.distributed.backends import build_backend  # noqa: E402
 from l2w_dist.meta import L2WConfig, LocalCollectives, WeightNet, l2w_half_step  # noqa: E402
-from tests.meta_helpers import TinyExitMLP, TinyMSDNetLike, make_optimizer, max_rel_diff  # noqa: E402
+from tests.helpers.l2w_reference import TinyExitMLP, TinyMSDNetLike, make_optimizer, max_rel_diff  # noqa: E402
 
 B = 3  # per-rank half batch
 CASES = [

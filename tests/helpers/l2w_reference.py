@@ -1,10 +1,19 @@
-"""Small multi-exit models and a literal released-style L2W reference for the meta tests."""
+"""Small multi-exit models and a literal released-style L2W reference for the meta tests.
+
+The reference is written the way the released code does it (a deep copy of the model,
+``create_graph=True``, a Python loop for the exit allocation), independently of l2w_dist.meta,
+so that the engines can be checked against it. ``reference_half_step`` is the one reference
+half step: in one process, or per rank with ``average_gradients=mean_gradients_over_ranks``
+(the per-rank, ``sync="local"`` semantics: local data and statistics, gradients averaged).
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -170,11 +179,34 @@ def reference_meta_loss(model, wnet, optimizer, train, meta, cfg, create_graph=T
     return total
 
 
-def reference_half_step(model, wnet, optimizer, meta_optimizer, train, meta, cfg):
-    """Released-style half step: copy + create_graph meta step, then a real forward/backward/step."""
+def mean_gradients_over_ranks(params: Iterable[nn.Parameter]) -> None:
+    """Average each parameter's gradient over the ranks of the default process group, by hand."""
+    world = dist.get_world_size()
+    for p in params:
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+def reference_half_step(
+    model,
+    wnet,
+    optimizer,
+    meta_optimizer,
+    train,
+    meta,
+    cfg,
+    average_gradients: Callable[[Iterable[nn.Parameter]], None] | None = None,
+) -> float:
+    """Released-style half step: copy + create_graph meta step, then a real forward/backward/step.
+
+    ``average_gradients`` (e.g. :func:`mean_gradients_over_ranks`) is applied to the weight net's
+    gradient before its step and to the model's gradient before the real step.
+    """
     meta_loss = reference_meta_loss(model, wnet, optimizer, train, meta, cfg)
     meta_optimizer.zero_grad()
     meta_loss.backward()
+    if average_gradients is not None:
+        average_gradients(wnet.parameters())
     meta_optimizer.step()
     logits = model(train[0])
     ce = _ces(logits, train[1], cfg.label_smoothing)
@@ -183,6 +215,8 @@ def reference_half_step(model, wnet, optimizer, meta_optimizer, train, meta, cfg
     loss = (w * ce).sum() / ce.shape[0]
     optimizer.zero_grad()
     loss.backward()
+    if average_gradients is not None:
+        average_gradients(model.parameters())
     optimizer.step()
     return float(meta_loss.detach())
 
