@@ -35,8 +35,6 @@ def test_every_module_of_the_package_is_in_the_map():
     for where, text in rows.items():
         if where.startswith("l2w_dist/") and where.endswith("/"):
             named |= {where + m for m in re.findall(r"`([A-Za-z_]\w*\.py)", text)}
-    modules = {
-        str(p.relative_to(ROOT)) for p in (ROOT / "l2w_dist").rglob("*.py") if p.name != "__init__.py"
-    }
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "l2w_dist").rglob("*.py") if p.name != "__init__.py"}
     missing = sorted(modules - named)
     assert not missing, f"modules absent from docs/architecture.md: {missing}"

@@ -196,7 +196,7 @@ def test_collect_logits_and_evaluate_model(tmp_path):
         model.train()
     assert torch.allclose(logits[0], want[0]) and torch.allclose(logits[1], want[1])  # eval: no dropout
     dict_loader = [{"image": xs[:10], "label": ys[:10]}]
-    assert collect_logits(model, dict_loader, "cpu", amp_dtype=torch.bfloat16)[0].dtype == torch.float32
+    assert collect_logits(model, dict_loader, "cpu", precision="bf16")[0].dtype == torch.float32
 
     record = evaluate_model(model, loader, loader, "cpu", [1e6, 2e6])
     assert [r["exit"] for r in record["anytime"]] == [1, 2]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils import atomic_write, atomic_write_json
 from .sources import SOURCES, RawSample, read_source
 
 SIDECAR_FORMAT = "l2w_dist.shards/1"
@@ -70,15 +71,14 @@ def _encode_image(sample: RawSample) -> tuple[str, bytes]:
 
 
 def _write_shard(path: str, samples: list[RawSample]) -> int:
-    """Write one tar (to a temporary name, renamed at the end: a shard that exists is complete)."""
+    """Write one tar atomically (a shard that exists is complete; two ranks preparing the same
+    data each write their own temporary file)."""
     import webdataset as wds
 
-    tmp = f"{path}.{os.getpid()}.tmp"  # unique: two ranks preparing the same data cannot interleave
-    with wds.TarWriter(tmp, mtime=0, user="l2w", group="l2w") as sink:
+    with atomic_write(path, "wb") as stream, wds.TarWriter(stream, mtime=0, user="l2w", group="l2w") as sink:
         for s in samples:
             ext, data = _encode_image(s)
             sink.write({"__key__": s.key, ext: data, "cls": str(s.label).encode()})
-    os.replace(tmp, path)
     return len(samples)
 
 
@@ -150,9 +150,7 @@ def write_shards(
         "splits": meta,
     }
     path = prefix.parent / (prefix.name + ".json")
-    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
-    os.replace(tmp, path)  # written last: a sidecar that exists describes complete shards
+    atomic_write_json(path, sidecar)  # written last: a sidecar that exists describes complete shards
     return path
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..utils import autocast
 
 
 def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,14 +27,14 @@ def collect_logits(
     model: nn.Module,
     loader: Iterable,
     device: torch.device | str,
-    amp_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` over ``loader`` in eval mode; return ``(logits [K, N, C] float32 cpu, labels [N])``.
 
     ``model`` returns a list of K logit tensors (a single tensor counts as K = 1).
-    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast; the logits are
-    stored in float32 either way. The model's train/eval mode is restored afterwards.
+    ``precision="bf16"`` runs the forward under bf16 autocast; the logits are stored in
+    float32 either way. The model's train/eval mode is restored afterwards.
 
     With ``gather`` and an initialised process group of more than one rank, every rank's
     part (disjoint in exact mode) is all-gathered and concatenated in rank order, so every
@@ -42,15 +43,12 @@ def collect_logits(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    autocast = nullcontext()
-    if amp_dtype is not None:
-        autocast = torch.autocast(device_type=device.type, dtype=amp_dtype)
     parts: list[list[torch.Tensor]] = []
     labels: list[torch.Tensor] = []
     try:
         for batch in loader:
             x, y = _split_batch(batch)
-            with autocast:
+            with autocast(device, precision):
                 out = model(x.to(device, non_blocking=True))
             outs = [out] if isinstance(out, torch.Tensor) else list(out)
             if parts and len(outs) != len(parts):

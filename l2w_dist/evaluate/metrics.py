@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 # the one count rule, shared with training (re-exported by l2w_dist.evaluate)
 from l2w_dist.meta.allocation import target_counts
@@ -191,7 +192,8 @@ def _apply_thresholds(
     itype = torch.int16 if num_bins <= torch.iinfo(torch.int16).max else torch.long
     offsets = 2 * num_exits * torch.arange(num_points, device=conf.device, dtype=itype)[:, None]
     hist = torch.bincount((best.to(itype) + offsets).view(-1), minlength=num_bins)
-    hist = hist.view(num_points, num_exits, 2).flip(1)  # code 2·(K-1-k) + c -> exit k
+    # bin = 2·K·point + 2·(K-1-k) + correct: unflatten, then reverse the exit axis to k order
+    hist = rearrange(hist, "(point exit correct) -> point exit correct", exit=num_exits, correct=2).flip(1)
     return hist.sum(dim=2), hist[:, :, 1].sum(dim=1)
 
 

@@ -12,7 +12,6 @@ from torch import nn
 
 from ..config import Config
 from ..data import calibration_loader, eval_loader
-from ..utils import autocast
 from .collect import collect_logits
 from .metrics import anytime, budgeted
 from .plots import plot_curves
@@ -28,7 +27,7 @@ def evaluate_model(
     test_loader: Iterable,
     device: torch.device | str,
     exit_flops: Sequence[float],
-    amp_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     ps: Sequence[float] | None = None,
 ) -> dict:
     """Anytime on the test split and budgeted batch with thresholds calibrated on
@@ -38,8 +37,8 @@ def evaluate_model(
     distributed job every rank must call it (the logits are all-gathered) and every rank
     gets the same record; write it on rank 0.
     """
-    calibration_logits, calibration_labels = collect_logits(model, calibration_loader, device, amp_dtype)
-    test_logits, test_labels = collect_logits(model, test_loader, device, amp_dtype)
+    calibration_logits, calibration_labels = collect_logits(model, calibration_loader, device, precision)
+    test_logits, test_labels = collect_logits(model, test_loader, device, precision)
     return {
         "anytime": anytime(test_logits, test_labels, exit_flops),
         "budgeted": budgeted(calibration_logits, calibration_labels, test_logits, test_labels, exit_flops, ps),
@@ -58,14 +57,14 @@ def evaluate_run(model: nn.Module, cfg: Config, env: DistEnv, data_spec: str, ou
     """
     exit_flops = model.exit_flops
     forward = torch.compile(model) if cfg.train.compile else model
-    with autocast(env.device, cfg.train.precision):
-        result = evaluate_model(
-            forward,
-            calibration_loader(cfg, env, data_spec),
-            eval_loader(cfg, env, data_spec, "test"),
-            env.device,
-            exit_flops,
-        )
+    result = evaluate_model(
+        forward,
+        calibration_loader(cfg, env, data_spec),
+        eval_loader(cfg, env, data_spec, "test"),
+        env.device,
+        exit_flops,
+        precision=cfg.train.precision,
+    )
     if env.rank == 0:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
