@@ -1,5 +1,5 @@
 """Small distributed helpers used across the training code: process-group queries, one-flag
-collectives, and unwrapping a wrapped model.
+collectives, parameter names.
 
 Every function works without a process group (a single process): the queries answer as for
 one rank and the collectives return their input.
@@ -32,19 +32,6 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / DataParallel / DeepSpeed / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "DeepSpeedEngine":
-            model = model.module
-        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-            model = model._orig_mod
-        else:
-            return model
 
 
 def parameter_names(module: nn.Module) -> dict[int, str]:

@@ -169,7 +169,8 @@ class TrainingJob:
                     self.save(periodic=True)
                 if self.step >= self.stop_step or self.step % self.steps_per_epoch == 0:
                     break
-                if stop_requested is not None and self._all_agree(stop_requested()):
+                # any rank's request stops every rank at this iteration, so all checkpoint together
+                if stop_requested is not None and any_rank(stop_requested(), self.device):
                     self.save()
                     bar.close()
                     return "preempted"
@@ -256,9 +257,8 @@ class TrainingJob:
         """Held-out anytime accuracy at an epoch end; keeps the best-k checkpoints by the last exit."""
         model = self.eval_module()
         model = torch.compile(model) if self.cfg.train.compile else model
-        with self._autocast():
-            loader = eval_loader(self.cfg, self.env, self.data_spec, "holdout")
-            logits, labels = collect_logits(model, loader, self.device)
+        loader = eval_loader(self.cfg, self.env, self.data_spec, "holdout")
+        logits, labels = collect_logits(model, loader, self.device, self.cfg.train.precision)
         rows = anytime(logits, labels, self.exit_flops)
         self.logger.log({f"holdout/top1_exit{r['exit']}": r["top1"] for r in rows}, self.step)
         state = self.state_dict()  # on every rank: gathering a sharded optimizer state is collective
@@ -335,10 +335,6 @@ class TrainingJob:
 
     def _autocast(self):
         return autocast(self.device, self.cfg.train.precision)
-
-    def _all_agree(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is True on any rank (so all ranks checkpoint together)."""
-        return any_rank(flag, self.device)
 
     def close(self) -> None:
         self.logger.close()
