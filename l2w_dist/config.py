@@ -106,6 +106,9 @@ class TrainConfig(Settings):
     channels_last: bool = setting(False, free=True)
     # torch.compile the plain (non-meta) forward: baseline steps and evaluation
     compile: bool = setting(False, free=True)
+    # capture the iteration as CUDA graphs and replay them (one CUDA GPU, no DDP / DeepSpeed, no compile:
+    # refused otherwise; l2w_dist/engine/cuda_graph.py)
+    cuda_graph: bool = setting(False, free=True)
     ema_decay: float = setting(0.0, in_range(0, 1))  # 0 disables the EMA of model weights
     log_every: int = setting(20, at_least(1))
     ckpt_every: int = setting(0, at_least(0))  # periodic checkpoint every N iterations (kept as step_N.pt); 0: off

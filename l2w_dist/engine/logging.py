@@ -8,7 +8,6 @@ The run id is kept in the checkpoint, so a resumed job continues the same W&B ru
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -109,5 +108,13 @@ class RunLogger:
             self.wandb = None
 
 
-def finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))
+def to_host(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every tensor as a Python float, by one copy to the host.
+
+    The trainer keeps an iteration's statistics on the device and calls this only when it
+    logs, so that iterations are queued without waiting for the device."""
+    names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    if not names:
+        return dict(values)
+    flat = torch.stack([values[k].detach().reshape(()).to(torch.float64) for k in names]).tolist()
+    return {**values, **dict(zip(names, flat))}

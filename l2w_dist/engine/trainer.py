@@ -32,10 +32,12 @@ from ..distributed import DistEnv, build_backend
 from ..distributed.utils import any_rank
 from ..evaluate import anytime, collect_logits, evaluate_run
 from ..meta import WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
+from ..meta.update import DeviceHyperparameters
 from ..models import create_model
 from ..utils import autocast
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from .logging import RunLogger, finite
+from .cuda_graph import GraphedIteration, check_cuda_graph
+from .logging import RunLogger, to_host
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,6 +48,9 @@ class TrainingJob:
     def __init__(self, cfg: Config, run_dir: Path, env: DistEnv):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         tc = cfg.train
+        if tc.cuda_graph:  # refused before any work where it cannot work
+            backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("ddp" if env.world_size > 1 else "none")
+            check_cuda_graph(env.device, backend, tc.compile)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = env.device
@@ -130,6 +135,14 @@ class TrainingJob:
         self.logger = RunLogger(run_dir, rank=env.rank, wandb_cfg=cfg.wandb, config=cfg.to_dict(), resume_id=resume_id)
         if self.logger.url and env.rank == 0:
             print(f"W&B run: {self.logger.url}", flush=True)
+        # The first non-finite loss (step, value), watched on the device and read when logging
+        # or saving: the iteration itself never waits for the device.
+        self._bad_step = torch.full((), -1.0, dtype=torch.float64, device=self.device)
+        self._bad_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.graphed: GraphedIteration | None = None
+        if tc.cuda_graph:  # lr and step counts as device tensors, then a graph per iteration kind
+            self.device_hparams = [DeviceHyperparameters(self.optimizer), DeviceHyperparameters(self.meta_optimizer)]
+            self.graphed = GraphedIteration(self._iteration, log=lambda line: print(line, flush=True))
 
     # ------------------------------------------------------------------------------------
     def fit(self, stop_requested: Callable[[], bool] | None = None) -> str:
@@ -151,18 +164,17 @@ class TrainingJob:
                 self.step += 1
                 self.scheduler.step_update(self.step)
                 self.meta_scheduler.step_update(self.step)
-                if not finite(stats["loss"]):
-                    raise NonFiniteLossError(
-                        f"loss is {stats['loss']} at step {self.step}; stopping. The last good checkpoint is "
-                        f"{self.ckpt.last} (lower optim.lr or enable optim.grad_clip)"
-                    )
+                self._watch_loss(stats["loss"])
                 seen += x.shape[0] * self.env.world_size
                 if self.step % self.cfg.train.log_every == 0 or self.step == self.stop_step:
+                    self._raise_if_nonfinite()
+                    # the stats' one copy to the host
+                    host = to_host({**stats, "lr": self.optimizer.param_groups[0]["lr"]})
                     rate = seen / (time.perf_counter() - tic)
-                    self.logger.log({**stats, "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": rate}, self.step)
+                    self.logger.log({**host, "img_per_s": rate}, self.step)
                     if self.logger.wandb is not None and self.cfg.meta.enabled:
                         self.logger.log_weight_histograms(self.sample_weights(x, y), self.step)
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{host['loss']:.3f}", img_s=f"{rate:.0f}")
                     tic, seen = time.perf_counter(), 0
                 bar.update(1)
                 if self.cfg.train.ckpt_every and self.step % self.cfg.train.ckpt_every == 0:
@@ -175,6 +187,7 @@ class TrainingJob:
                     bar.close()
                     return "preempted"
             self._log_bad_data()
+            self._raise_if_nonfinite()
             if (
                 self.step % self.steps_per_epoch == 0
                 and self.cfg.eval.enabled
@@ -198,10 +211,40 @@ class TrainingJob:
                 flush=True,
             )
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One loader batch: an L2W iteration (two half steps), or one plain step for the baseline."""
+    def _watch_loss(self, loss: torch.Tensor) -> None:
+        """Remember the first non-finite loss, on the device (no host read per iteration)."""
+        new = ~torch.isfinite(loss) & (self._bad_step < 0)
+        self._bad_step = torch.where(new, float(self.step), self._bad_step)
+        self._bad_loss = torch.where(new, loss.to(torch.float64), self._bad_loss)
+
+    def _raise_if_nonfinite(self) -> None:
+        """Stop when :meth:`_watch_loss` saw a NaN / infinite loss (before anything is saved)."""
+        bad = to_host({"step": self._bad_step, "loss": self._bad_loss})
+        if bad["step"] >= 0:
+            raise NonFiniteLossError(
+                f"loss is {bad['loss']} at step {int(bad['step'])}; stopping. The last good checkpoint is "
+                f"{self.ckpt.last} (lower optim.lr or enable optim.grad_clip)"
+            )
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One loader batch: an L2W iteration (two half steps), or one plain step for the baseline.
+
+        The stats are device tensors (copied to the host only when logging); with
+        ``train.cuda_graph`` they are the graph's output buffers, valid until the next step."""
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.graphed is not None:
+            for hparams in self.device_hparams:  # the schedules' new lr, into the tensors the graph reads
+                hparams.refresh()
+            stats = self.graphed(x, y, self.cfg.meta.enabled and self.step % self.cfg.meta.interval == 0)
+        else:
+            stats = self._iteration(x, y)
+        if self.ema is not None:
+            self.ema.update(self.backend.module, step=self.step)
+        return stats
+
+    def _iteration(self, x: torch.Tensor, y: torch.Tensor, kind: object = None) -> dict[str, torch.Tensor]:
+        """:meth:`train_step`'s work (what a CUDA graph captures; ``kind``: the graph's key)."""
         with self._autocast():
             if self.cfg.meta.enabled:
                 stats = l2w_iteration(
@@ -217,11 +260,9 @@ class TrainingJob:
                 )
             else:
                 stats = self.plain_step(x, y)
-        if self.ema is not None:
-            self.ema.update(self.backend.module, step=self.step)
         return stats
 
-    def plain_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def plain_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The baseline: every exit's cross-entropy with uniform weights, one optimizer step."""
         logits = self.plain_forward(x)
         per_exit = torch.stack(
@@ -232,8 +273,8 @@ class TrainingJob:
         update.zero_grad()
         update.backward(loss)
         update.step()
-        values = per_exit.detach().cpu().tolist()
-        return {"loss": sum(values), **{f"ce/{k}": v for k, v in enumerate(values)}}
+        values = per_exit.detach()
+        return {"loss": values.sum(), **{f"ce/{k}": v for k, v in enumerate(values.unbind())}}
 
     @torch.no_grad()
     def sample_weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -293,6 +334,7 @@ class TrainingJob:
         }
 
     def save(self, periodic: bool = False) -> None:
+        self._raise_if_nonfinite()  # a NaN state is never saved
         state = self.state_dict()  # collective for sharded optimizers: every rank takes part
         if self.env.rank == 0:
             self.ckpt.save_last(state)
@@ -334,7 +376,8 @@ class TrainingJob:
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
     def _autocast(self):
-        return autocast(self.device, self.cfg.train.precision)
+        # no cast cache under a CUDA graph: casts are captured, never kept across replays
+        return autocast(self.device, self.cfg.train.precision, cache=not self.cfg.train.cuda_graph)
 
     def close(self) -> None:
         self.logger.close()

@@ -13,6 +13,8 @@ counts, so training allocates the meta batch as evaluation allocates the held-ou
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -42,11 +44,18 @@ def target_counts(num_samples: int, num_exits: int, p: float) -> list[int]:
     _check_target(num_exits, p)
     if num_samples < 0:
         raise ValueError(f"num_samples={num_samples} must be >= 0")
+    return list(_counts(num_samples, num_exits, p))
+
+
+@functools.lru_cache(maxsize=256)
+def _counts(num_samples: int, num_exits: int, p: float) -> tuple[int, ...]:
+    """:func:`target_counts`, computed once per (N, K, p): every meta step asks again, and a
+    fresh computation would read a tensor back to the host inside the iteration."""
     base = torch.tensor([p], dtype=torch.float32)
     q = torch.exp(torch.log(base) * torch.arange(1, num_exits + 1, dtype=torch.float32))
     q = q / q.sum()
     counts = torch.floor(num_samples * q[:-1]).long().tolist()  # one exactly rounded float32 product each
-    return counts + [num_samples - sum(counts)]
+    return (*counts, num_samples - sum(counts))
 
 
 def _check_target(num_exits: int, p: float) -> None:
@@ -87,15 +96,21 @@ def meta_loss_from_allocation(ce: Tensor, exit_of: Tensor, counts: list[int]) ->
     """
     picked = ce.gather(1, exit_of.unsqueeze(1)).squeeze(1)
     sums = torch.zeros(ce.shape[1], dtype=ce.dtype, device=ce.device).index_add(0, exit_of, picked)
-    inv = _to_device([1.0 / c if c > 0 else 0.0 for c in counts], ce)
+    inv = constant(tuple(1.0 / c if c > 0 else 0.0 for c in counts), ce)
     return (sums * inv).sum()
 
 
-def _to_device(values: list[float], like: Tensor) -> Tensor:
-    """A small host list as a tensor on ``like``'s device without a host sync.
+def constant(values: tuple[float, ...], like: Tensor) -> Tensor:
+    """A small host tuple as a tensor on ``like``'s device and dtype, built once and kept.
 
     ``torch.tensor(values, device="cuda")`` is a blocking copy, which synchronises the
-    stream (the CPU waits for all queued GPU work) in the middle of the meta step;
-    ``non_blocking`` from pageable memory stages the bytes and returns at once.
+    stream (the CPU waits for all queued GPU work) in the middle of the meta step, and no
+    host-to-device copy may run inside a captured CUDA graph; a kept tensor is built by the
+    first (eager) iteration and only read afterwards. Never write to it.
     """
-    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+    return _constant(values, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -44,7 +44,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
 from . import param_dicts
-from .allocation import _to_device, allocate_exits, meta_loss_from_allocation, target_counts
+from .allocation import allocate_exits, constant, meta_loss_from_allocation, target_counts
 from .collectives import Collectives, default_collectives
 from .forward_mode import FusedBatchNormJVP
 from .settings import L2WConfig
@@ -64,12 +64,17 @@ def l2w_iteration(
     step: int = 0,
     meta_interval: int = 1,
     collectives: Collectives | None = None,
-) -> dict[str, float]:
+) -> dict[str, Tensor]:
     """Both half steps of one loader batch: (X1, X2) then (X2, X1); stats averaged over the two.
 
     ``model`` is what forward is called on (DDP / DeepSpeed wrapper, or the plain module);
     ``optimizer`` a :class:`RealUpdate` (whose ``module`` is the plain module behind the
     wrapper) or a bare ``torch.optim`` optimizer of a plain ``model``.
+
+    Capture-safe: nothing in the iteration reads a device value back to the host (no
+    ``.item()``, no data-dependent shapes), so it can be queued without waiting for the
+    device and captured as a CUDA graph; the stats are 0-dim device tensors (see
+    :func:`l2w_half_step`), for the caller to copy to the host when it logs.
     """
     if meta_interval < 1:
         raise ValueError(f"meta_interval={meta_interval} must be >= 1")
@@ -84,7 +89,7 @@ def l2w_iteration(
     chain = do_meta and _reuses_meta_forward(ctx.real, cfg, ctx.coll)
     a, carried = _half_step(ctx, meta_optimizer, first, second, do_meta, keep_meta_forward=chain)
     b, _ = _half_step(ctx, meta_optimizer, second, first, do_meta, reuse=carried)
-    return {key: (a[key] + b[key]) / 2 for key in a}
+    return _stats_by_name((a + b) / 2)
 
 
 def l2w_half_step(
@@ -97,8 +102,9 @@ def l2w_half_step(
     cfg: L2WConfig,
     do_meta: bool = True,
     collectives: Collectives | None = None,
-) -> dict[str, float]:
-    """Steps 1-3 of docs/algorithm.md §2 for one (train, meta) pair; returns plain floats (one host sync).
+) -> dict[str, Tensor]:
+    """Steps 1-3 of docs/algorithm.md §2 for one (train, meta) pair; returns 0-dim device
+    tensors (views of one flat tensor: one copy brings them all to the host).
 
     Keys: ``loss`` (weighted train loss of the real update), ``meta_loss`` (global under
     global sync; NaN when ``do_meta`` is False), ``ce/k``, ``w_mean/k``, ``w_std/k``,
@@ -107,7 +113,7 @@ def l2w_half_step(
     """
     ctx = _HalfStepContext.build(model, weight_net, optimizer, cfg, collectives)
     stats, _ = _half_step(ctx, meta_optimizer, train, meta, do_meta)
-    return stats
+    return _stats_by_name(stats)
 
 
 @dataclass
@@ -187,10 +193,11 @@ def _half_step(
     do_meta: bool,
     reuse: _MetaForward | None = None,
     keep_meta_forward: bool = False,
-) -> tuple[dict[str, float], _MetaForward | None]:
-    """:func:`l2w_half_step`; ``reuse``: this half step's train forward, already run (see
-    :class:`_MetaForward`); ``keep_meta_forward``: return this half step's meta forward, with
-    θ set exactly to θ' (only valid when :func:`_reuses_meta_forward`)."""
+) -> tuple[Tensor, _MetaForward | None]:
+    """:func:`l2w_half_step`, its stats as one flat tensor (:func:`_stats`); ``reuse``: this half
+    step's train forward, already run (see :class:`_MetaForward`); ``keep_meta_forward``: return
+    this half step's meta forward, with θ set exactly to θ' (only valid when
+    :func:`_reuses_meta_forward`)."""
     cfg, real = ctx.cfg, ctx.real
     x_tr, y_tr = train
     pre_update = do_meta and cfg.real_weights == "pre_update"
@@ -368,7 +375,7 @@ def _meta_loss(ctx: _HalfStepContext, theta, meta):
     else:
         counts = target_counts(conf.shape[0], num_exits, ctx.cfg.p)
         exit_of = allocate_exits(conf, counts)
-    alloc = _to_device([float(c) for c in counts], ce)
+    alloc = constant(tuple(float(c) for c in counts), ce)
     return meta_loss_from_allocation(ce, exit_of, counts), alloc, logits, buffers
 
 
@@ -433,8 +440,8 @@ def _forward_ad_error(err: Exception) -> Exception:
     )
 
 
-def _stats(loss, meta_loss, ce, weights, alloc) -> dict[str, float]:
-    k = ce.shape[1]
+def _stats(loss, meta_loss, ce, weights, alloc) -> Tensor:
+    """The half step's stats as one flat device tensor, in the order :func:`_stats_by_name` names."""
     w = weights.to(ce.dtype)
     rows = [
         loss.reshape(1).to(ce.dtype),
@@ -446,9 +453,14 @@ def _stats(loss, meta_loss, ce, weights, alloc) -> dict[str, float]:
         w.amax(0),
         alloc.to(ce.dtype),
     ]
-    values = torch.cat(rows).tolist()  # the one host sync of the stats
-    out = {"loss": values[0], "meta_loss": values[1]}
+    return torch.cat(rows)
+
+
+def _stats_by_name(flat: Tensor) -> dict[str, Tensor]:
+    """Name the entries of :func:`_stats` (0-dim views, no copy)."""
+    k = (flat.shape[0] - 2) // 6
+    out = {"loss": flat[0], "meta_loss": flat[1]}
     for j, name in enumerate(("ce", "w_mean", "w_std", "w_min", "w_max", "alloc")):
         for e in range(k):
-            out[f"{name}/{e}"] = values[2 + j * k + e]
+            out[f"{name}/{e}"] = flat[2 + j * k + e]
     return out

@@ -29,15 +29,16 @@ def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def scale(factor: dict[str, Tensor | float], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``factor[n] * tensors[n]``; equal float factors (SGD) by one multi-tensor op."""
+    """``factor[n] * tensors[n]``; equal float factors, or one shared 0-dim tensor factor
+    (SGD with a device lr), by one multi-tensor op."""
     out: dict[str, Tensor] = {}
-    by_float: dict[float, list[str]] = {}
+    shared: dict[object, tuple[float | Tensor, list[str]]] = {}  # tensors keyed by identity, never by value
     for name, f in factor.items():
-        if isinstance(f, Tensor):
+        if isinstance(f, Tensor) and f.dim() > 0:
             out[name] = f * tensors[name]
         else:
-            by_float.setdefault(f, []).append(name)
-    for f, names in by_float.items():
+            shared.setdefault(("tensor", id(f)) if isinstance(f, Tensor) else f, (f, []))[1].append(name)
+    for f, names in shared.values():
         out.update(zip(names, torch._foreach_mul([tensors[n] for n in names], f)))
     return {name: out[name] for name in factor}
 

@@ -36,17 +36,21 @@ class ParamOptState:
     ``step`` is the number of steps already taken (the next step is ``step + 1``; 0 for
     SGD, which keeps no count and does not need one). Buffers are ``None`` before they
     exist (SGD before its first step).
+
+    ``lr`` and ``step`` are either host numbers or the optimizer's own 0-dim device tensors
+    (:func:`device_hyperparameters`): the virtual step then reads the very tensors the real
+    step reads, without copying them to the host (a capture-safe iteration).
     """
 
     kind: Literal["sgd", "adamw"]
-    lr: float
+    lr: float | Tensor
     weight_decay: float = 0.0
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    step: int = 0
+    step: int | Tensor = 0
     momentum_buffer: Tensor | None = None
     exp_avg: Tensor | None = None
     exp_avg_sq: Tensor | None = None
@@ -90,10 +94,11 @@ def param_state(kind: Literal["sgd", "adamw"], group: dict, state: dict) -> Para
     ``kind`` is :func:`optimizer_kind` of the optimizer; ``state`` holds the parameter's
     buffers (``momentum_buffer``, or ``exp_avg`` / ``exp_avg_sq`` / ``step``), possibly none yet.
     """
+    lr = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"])
     if kind == "sgd":
         return ParamOptState(
             kind="sgd",
-            lr=float(group["lr"]),
+            lr=lr,
             weight_decay=float(group.get("weight_decay", 0.0)),
             momentum=float(group.get("momentum", 0.0)),
             dampening=float(group.get("dampening", 0.0)),
@@ -101,16 +106,66 @@ def param_state(kind: Literal["sgd", "adamw"], group: dict, state: dict) -> Para
             momentum_buffer=state.get("momentum_buffer"),
         )
     step = state.get("step")
+    if isinstance(step, Tensor) and not (group.get("capturable") or group.get("fused")):
+        # torch keeps a non-capturable step count in host memory by design: reading it is no
+        # device sync, and a host number gives the bias corrections torch itself computes
+        step = int(step.item())
     return ParamOptState(
         kind="adamw",
-        lr=float(group["lr"]),
+        lr=lr,
         weight_decay=float(group.get("weight_decay", 0.0)),
         betas=(float(group["betas"][0]), float(group["betas"][1])),
         eps=float(group["eps"]),
-        step=0 if step is None else int(step.item() if isinstance(step, Tensor) else step),
+        step=0 if step is None else step if isinstance(step, Tensor) else int(step),
         exp_avg=state.get("exp_avg"),
         exp_avg_sq=state.get("exp_avg_sq"),
     )
+
+
+class DeviceHyperparameters:
+    """Make a torch optimizer step from device tensors only, as a captured CUDA graph needs.
+
+    Each param group's lr becomes a 0-dim tensor on its parameters' device, which every
+    step (and the virtual step, through :func:`param_state`) reads in place; SGD runs
+    fused (torch's only SGD that reads a tensor lr without copying it to the host); Adam and
+    AdamW run fused and capturable, with their step counts on the device, so the bias
+    corrections are computed there. A schedule that writes plain numbers into the groups
+    (timm's) is followed by :meth:`refresh`, which copies them into the tensors without a
+    host sync. :meth:`apply` again after ``load_state_dict`` (it restores the saved groups).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+            raise UnsupportedOptimizerError(
+                f"{type(optimizer).__name__} cannot step from device tensors here; use torch.optim.SGD, Adam or AdamW"
+            )
+        self.optimizer = optimizer
+        self.lrs: list[Tensor] = []
+        self.apply()
+
+    def apply(self) -> None:
+        """(Re)install the flags, the lr tensors and device-resident step counts."""
+        adam = not isinstance(self.optimizer, torch.optim.SGD)
+        self.lrs = []
+        for group in self.optimizer.param_groups:
+            first = group["params"][0]
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            lr = torch.tensor(float(group["lr"]), dtype=dtype, device=first.device)
+            group.update(lr=lr, fused=True, foreach=False, differentiable=False)
+            if adam:
+                group["capturable"] = True
+                for p in group["params"]:
+                    state = self.optimizer.state.get(p, {})
+                    if isinstance(state.get("step"), Tensor):
+                        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+            self.lrs.append(lr)
+
+    def refresh(self) -> None:
+        """Copy numbers a scheduler wrote into the groups into the lr tensors (no host sync)."""
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            if group["lr"] is not lr:
+                lr.fill_(group["lr"])
+                group["lr"] = lr
 
 
 @runtime_checkable

@@ -2,7 +2,10 @@
 and its derivative ∂θ'/∂g, which the forward-mode hypergradient folds into its tangent.
 
 Both follow ``torch.optim.SGD`` and ``torch.optim.AdamW`` exactly (single-tensor
-semantics), for one step taken *from* the current state without modifying it.
+semantics), for one step taken *from* the current state without modifying it. The lr and
+the step count are host numbers or the real optimizer's own 0-dim device tensors
+(``update.DeviceHyperparameters``); with tensors nothing is read back to the host (the
+bias corrections are computed on the device, in float64 as torch's fused kernels do).
 
 SGD:   d = g + wd·θ;  buf' = d (no buffer yet) or m·buf + (1-damp)·d;
        θ' = θ - lr·(d + m·buf') (nesterov) or θ - lr·buf' (momentum) or θ - lr·d.
@@ -56,9 +59,10 @@ def virtual_step(
                 d = d + s.momentum * buf if s.nesterov else buf
             out[name] = p - s.lr * d
         elif s.kind == "adamw":
-            m, v, bc1, bc2 = _adam_moments(s, g)
-            den = safe_sqrt(v) / math.sqrt(bc2) + s.eps
-            out[name] = p * (1 - s.lr * s.weight_decay) - (s.lr / bc1) * m / den
+            m, v = _adam_moments(s, g)
+            (step_size,), (bc2_sqrt,) = _adamw_scalars([s])
+            den = safe_sqrt(v) / bc2_sqrt + s.eps
+            out[name] = p * (1 - s.lr * s.weight_decay) - step_size * m / den
         else:
             raise ValueError(f"optimizer kind {s.kind!r} is not one of ('sgd', 'adamw')")
     return out
@@ -77,10 +81,11 @@ def _sgd_foreach(
     groups: dict[tuple, list[str]] = {}
     for name, s in states.items():
         if s.kind == "sgd" and name in params:
-            key = (s.lr, s.weight_decay, s.momentum, s.dampening, s.nesterov, s.momentum_buffer is None)
+            key = (_key(s.lr), s.weight_decay, s.momentum, s.dampening, s.nesterov, s.momentum_buffer is None)
             groups.setdefault(key, []).append(name)
     out: dict[str, Tensor] = {}
-    for (lr, wd, momentum, dampening, nesterov, no_buffer), names in groups.items():
+    for (_, wd, momentum, dampening, nesterov, no_buffer), names in groups.items():
+        lr = states[names[0]].lr
         p = [params[n] for n in names]
         d = [grads[n] for n in names]
         if wd != 0:
@@ -92,27 +97,54 @@ def _sgd_foreach(
                 buf = torch._foreach_mul([states[n].momentum_buffer for n in names], momentum)
                 torch._foreach_add_(buf, d, alpha=1 - dampening)
             d = torch._foreach_add(d, buf, alpha=momentum) if nesterov else buf
-        out.update(zip(names, torch._foreach_add(p, d, alpha=-lr)))
+        if isinstance(lr, Tensor):  # a tensor multiplier, never a host copy of it
+            out.update(zip(names, torch._foreach_sub(p, torch._foreach_mul(d, lr))))
+        else:
+            out.update(zip(names, torch._foreach_add(p, d, alpha=-lr)))
     return out
 
 
 def _adamw_groups(names, states: dict[str, ParamOptState]) -> dict[tuple, list[str]]:
-    """AdamW parameters sharing hyper-parameters, step count and whether moments exist."""
+    """AdamW parameters sharing hyper-parameters and whether moments exist (step counts may
+    differ: the bias corrections are per parameter, :func:`_adamw_scalars`)."""
     groups: dict[tuple, list[str]] = {}
     for name in names:
         s = states[name]
         if s.kind == "adamw":
-            key = (s.lr, s.weight_decay, s.betas, s.eps, s.step, s.exp_avg is None, s.exp_avg_sq is None)
+            key = (_key(s.lr), s.weight_decay, s.betas, s.eps, s.exp_avg is None, s.exp_avg_sq is None)
             groups.setdefault(key, []).append(name)
     return groups
 
 
-def _adam_moments_foreach(names: list[str], grads, states) -> tuple[list[Tensor], list[Tensor], float, float]:
-    """:func:`_adam_moments` (m', v', bias corrections) for a group of one ``_adamw_groups``
-    key, by multi-tensor ops."""
+def _adamw_scalars(group: list[ParamOptState]) -> tuple[list, list]:
+    """Per parameter of one group: the step size ``lr / (1 - β1^t)`` and ``sqrt(1 - β2^t)``, t = step + 1.
+
+    Host numbers from host lr and step counts (as torch's own single-tensor AdamW computes
+    them); otherwise 0-dim float64 device tensors from one stacked computation (as torch's
+    fused AdamW computes them from its device step counts), without a host sync.
+    """
+    s0 = group[0]
+    b1, b2 = s0.betas
+    steps = [s.step for s in group]
+    device_values = [v for v in (s0.lr, *steps) if isinstance(v, Tensor)]
+    if not device_values:
+        return [s0.lr / (1 - b1 ** (t + 1)) for t in steps], [math.sqrt(1 - b2 ** (t + 1)) for t in steps]
+    device = device_values[0].device
+    t = torch.stack(
+        [
+            t.to(torch.float64) if isinstance(t, Tensor) else torch.full((), t, dtype=torch.float64, device=device)
+            for t in steps
+        ]
+    )
+    t = t + 1
+    step_size = s0.lr / (1 - torch.pow(b1, t))
+    return list(step_size.unbind()), list((1 - torch.pow(b2, t)).sqrt().unbind())
+
+
+def _adam_moments_foreach(names: list[str], grads, states) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`_adam_moments` (m', v') for a group of one ``_adamw_groups`` key, by multi-tensor ops."""
     s0 = states[names[0]]
     b1, b2 = s0.betas
-    t = s0.step + 1
     g = [grads[n] for n in names]
     if s0.exp_avg is None:  # no moments yet: m' = (1-β1) g, v' = (1-β2) g²
         m, v = torch._foreach_mul(g, 1 - b1), torch._foreach_mul(torch._foreach_mul(g, g), 1 - b2)
@@ -121,7 +153,7 @@ def _adam_moments_foreach(names: list[str], grads, states) -> tuple[list[Tensor]
         torch._foreach_add_(m, g, alpha=1 - b1)
         v = torch._foreach_mul([states[n].exp_avg_sq for n in names], b2)
         torch._foreach_addcmul_(v, g, g, value=1 - b2)
-    return m, v, 1 - b1**t, 1 - b2**t
+    return m, v
 
 
 def _adamw_foreach(
@@ -130,15 +162,22 @@ def _adamw_foreach(
     """The AdamW branch of :func:`virtual_step` for all AdamW parameters, without autograd: a
     few dozen kernels per group instead of ~12 per parameter (a ViT has ~150 tensors)."""
     out: dict[str, Tensor] = {}
-    for (lr, wd, _betas, eps, _step, no_m, no_v), names in _adamw_groups(params, states).items():
+    for (_, wd, _betas, eps, no_m, no_v), names in _adamw_groups(params, states).items():
         if no_m != no_v:  # one moment without the other: leave it to the per-parameter formula
             continue
-        m, v, bc1, bc2 = _adam_moments_foreach(names, grads, states)
+        lr = states[names[0]].lr
+        m, v = _adam_moments_foreach(names, grads, states)
+        step_size, bc2_sqrt = _adamw_scalars([states[n] for n in names])
         den = torch._foreach_sqrt(v)  # v' >= 0: plain sqrt is exact here (no graph, no derivative)
-        torch._foreach_div_(den, math.sqrt(bc2))
+        torch._foreach_div_(den, bc2_sqrt)
         torch._foreach_add_(den, eps)
         theta = torch._foreach_mul([params[n] for n in names], 1 - lr * wd)
-        torch._foreach_addcdiv_(theta, m, den, value=-lr / bc1)
+        if isinstance(step_size[0], Tensor):  # device scalars: no addcdiv overload takes them
+            update = torch._foreach_div(m, den)
+            torch._foreach_mul_(update, step_size)
+            torch._foreach_sub_(theta, update)
+        else:
+            torch._foreach_addcdiv_(theta, m, den, [-x for x in step_size])
         out.update(zip(names, theta))
     return out
 
@@ -146,26 +185,29 @@ def _adamw_foreach(
 def _adamw_derivative_foreach(grads: dict[str, Tensor], states: dict[str, ParamOptState]) -> dict[str, Tensor]:
     """The AdamW branch of :func:`step_derivative` by multi-tensor ops (same formula)."""
     out: dict[str, Tensor] = {}
-    for (lr, _wd, (b1, b2), eps, _step, no_m, no_v), names in _adamw_groups(grads, states).items():
+    for (_lr, _wd, (b1, b2), eps, no_m, no_v), names in _adamw_groups(grads, states).items():
         if no_m != no_v:
             continue
-        m, v, bc1, bc2 = _adam_moments_foreach(names, grads, states)
+        m, v = _adam_moments_foreach(names, grads, states)
+        step_size, bc2_sqrt = _adamw_scalars([states[n] for n in names])
         sq = torch._foreach_sqrt(v)
-        den = torch._foreach_div(sq, math.sqrt(bc2))
+        den = torch._foreach_div(sq, bc2_sqrt)
         torch._foreach_add_(den, eps)
         # second = m (1-β2) g / (den² sq sqrt(bc2)), 0 where sq = 0 (then m = g = 0 as well)
         second = torch._foreach_mul(m, [grads[n] for n in names])
         denom = torch._foreach_mul(den, den)
         torch._foreach_mul_(denom, torch._foreach_clamp_min(sq, torch.finfo(sq[0].dtype).tiny))
+        torch._foreach_mul_(denom, bc2_sqrt)
         torch._foreach_div_(second, denom)
-        torch._foreach_mul_(second, (1 - b2) / math.sqrt(bc2))
+        torch._foreach_mul_(second, 1 - b2)
         first_term = torch._foreach_reciprocal(den)
         torch._foreach_mul_(first_term, 1 - b1)
         torch._foreach_sub_(first_term, second)
-        torch._foreach_mul_(first_term, -lr / bc1)
-        for name, d, root in zip(names, first_term, sq):
+        torch._foreach_mul_(first_term, step_size)
+        torch._foreach_neg_(first_term)
+        for name, d, root, size in zip(names, first_term, sq, step_size):
             # where sq = 0: (1-β1)/den only (second term 0), as the per-parameter formula
-            out[name] = torch.where(root > 0, d, -(lr / bc1) * (1 - b1) / eps)
+            out[name] = torch.where(root > 0, d, -size * (1 - b1) / eps)
     return out
 
 
@@ -184,9 +226,15 @@ def step_derivative(
         out: dict[str, Tensor | float] = {}
         if _use_adamw_foreach(adamw_foreach, grads):
             out.update(_adamw_derivative_foreach(grads, states))
+        shared: dict[tuple, Tensor | float] = {}  # one SGD factor per group: scaled by one multi-tensor op
         for name, g in grads.items():
             if name not in out:
-                out[name] = derivative_of_one(states[name], g)
+                s = states[name]
+                key = (s.kind, _key(s.lr), s.momentum, s.dampening, s.nesterov, s.momentum_buffer is None)
+                if s.kind != "sgd":
+                    out[name] = derivative_of_one(s, g)
+                else:
+                    out[name] = shared[key] if key in shared else shared.setdefault(key, derivative_of_one(s, g))
     return {name: out[name] for name in grads}
 
 
@@ -199,14 +247,21 @@ def derivative_of_one(s: ParamOptState, g: Tensor) -> Tensor | float:
         return -s.lr * (1.0 + s.momentum * k) if s.nesterov else -s.lr * k
     if s.kind == "adamw":
         b1, b2 = s.betas
-        m, v, bc1, bc2 = _adam_moments(s, g)
+        m, v = _adam_moments(s, g)
+        (step_size,), (bc2_sqrt,) = _adamw_scalars([s])
         sq = v.sqrt()
-        den = sq / math.sqrt(bc2) + s.eps
+        den = sq / bc2_sqrt + s.eps
         safe_sq = sq.clamp_min(torch.finfo(sq.dtype).tiny)
-        second = m * (1 - b2) * g / (den * den * safe_sq * math.sqrt(bc2))
+        second = m * (1 - b2) * g / (den * den * safe_sq * bc2_sqrt)
         second = torch.where(sq > 0, second, torch.zeros_like(second))
-        return -(s.lr / bc1) * ((1 - b1) / den - second)
+        return -step_size * ((1 - b1) / den - second)
     raise ValueError(f"optimizer kind {s.kind!r} is not one of ('sgd', 'adamw')")
+
+
+def _key(value: float | Tensor) -> object:
+    """A hashable stand-in for a host number or a device tensor (by identity: comparing
+    tensors with ``==`` would read their values back to the host)."""
+    return ("tensor", id(value)) if isinstance(value, Tensor) else value
 
 
 def safe_sqrt(v: Tensor) -> Tensor:
@@ -219,9 +274,8 @@ def safe_sqrt(v: Tensor) -> Tensor:
     return torch.where(positive, v.clamp_min(torch.finfo(v.dtype).tiny).sqrt(), torch.zeros_like(v))
 
 
-def _adam_moments(s: ParamOptState, g: Tensor) -> tuple[Tensor, Tensor, float, float]:
+def _adam_moments(s: ParamOptState, g: Tensor) -> tuple[Tensor, Tensor]:
     b1, b2 = s.betas
-    t = s.step + 1
     m = (1 - b1) * g if s.exp_avg is None else b1 * s.exp_avg + (1 - b1) * g
     v = (1 - b2) * g * g if s.exp_avg_sq is None else b2 * s.exp_avg_sq + (1 - b2) * g * g
-    return m, v, 1 - b1**t, 1 - b2**t
+    return m, v

@@ -6,6 +6,7 @@
 - ``eval_reference``: the released budgeted-batch evaluation loop, written literally.
 - ``tiny_run``: a synthetic image set and the overrides of a tiny end-to-end training run.
 - ``torchrun``: ``run_torchrun``, torchrun agents on localhost for tests of a real launcher.
+- ``host_sync``: ``NoHostSync``, a detector that fails on any host read of a tensor value.
 
 Ranks running a Python function are started by ``l2w_dist.distributed.testing.run_ranks``
 (the library's launcher, which bench/scaling.py uses too). The launcher tests' utilities are
