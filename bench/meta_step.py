@@ -22,7 +22,9 @@ the model and data are built.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib
 import json
 import math
 import subprocess
@@ -37,9 +39,15 @@ from l2w_dist.utils import autocast
 VARIANTS = ("plain", "reference", "autograd", "jvp", "jvp_pre")
 # Also buildable (used by bench/gpu_suite.py): an L2W iteration whose step skips the meta step
 # (what 99 of 100 iterations cost at meta_interval 100), and the plain step under torch.compile.
-EXTRA_VARIANTS = ("jvp_nometa", "plain_compile", "jvp_pre_rerun")
+EXTRA_VARIANTS = ("jvp_nometa", "plain_compile", "jvp_pre_rerun", "jvp_adamw_loop")
 # jvp_pre_rerun: jvp_pre with the second half step's train forward run again instead of taken
 # from the first half step's meta forward (what jvp_pre cost before that re-use).
+# jvp_adamw_loop: jvp with the AdamW virtual step per parameter instead of multi-tensor.
+# CUDA only: "<variant>_graph" for plain, jvp, jvp_nometa, jvp_pre: the same iteration with
+# lr / step counts as device tensors, captured once as a CUDA graph and replayed
+# (l2w_dist/engine/cuda_graph.py, what train.cuda_graph runs).
+GRAPH_VARIANTS = tuple(f"{v}_graph" for v in ("plain", "jvp", "jvp_nometa", "jvp_pre"))
+GRAPH_WARMUP = 2  # eager iterations per kind before the capture
 INPUT_SIZE = {"msdnet_cifar": (3, 32, 32), "msdnet_imagenet": (3, 224, 224)}
 
 
@@ -138,9 +146,17 @@ def _released_half_step(model, pseudo, wnet, opt, mopt, train, meta, q, eps):
 
 
 def build_variant(args: argparse.Namespace, v: str):
-    """Model, data and optimizers for variant ``v``; returns its one-iteration callable."""
+    """Model, data and optimizers for variant ``v``; returns its one-iteration callable
+    (with a ``graphed`` attribute: the :class:`GraphedIteration` of a graph variant, or None)."""
+    from l2w_dist.engine.cuda_graph import GraphedIteration
     from l2w_dist.meta import L2WConfig, WeightNet, l2w_iteration, target_proportions
+    from l2w_dist.meta.update import DeviceHyperparameters
     from l2w_dist.models import create_model
+
+    graph = v.endswith("_graph")
+    if graph and args.device != "cuda":
+        raise ValueError(f"variant {v} needs a CUDA device")
+    v = v.removesuffix("_graph")
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -160,6 +176,9 @@ def build_variant(args: argparse.Namespace, v: str):
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     mopt = torch.optim.Adam(wnet.parameters(), lr=1e-4, weight_decay=1e-4)
+    if graph:  # lr and step counts as device tensors, read in place by every replay
+        DeviceHyperparameters(opt)
+        DeviceHyperparameters(mopt)
     pseudo = copy.deepcopy(model) if v == "reference" else None
     q = target_proportions(num_exits, 0.75)
     cfg = L2WConfig(
@@ -178,24 +197,54 @@ def build_variant(args: argparse.Namespace, v: str):
         # parameter until its outermost context exits, so one context around many optimizer
         # steps would keep re-using the first iteration's weights (stale, and no casts to pay).
         with _autocast(args):
-            _one_iteration()
+            _one_iteration(x, y)
 
-    def _one_iteration():
+    def _one_iteration(x, y):
         if v in ("plain", "plain_compile"):
             loss = sum(F.cross_entropy(z.float(), y) for z in forward(x))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        elif v == "reference":
+            return {"loss": loss.detach()}
+        if v == "reference":
             a, b = (x[:half], y[:half]), (x[half:], y[half:])
             _released_half_step(model, pseudo, wnet, opt, mopt, a, b, q, 0.3)
             _released_half_step(model, pseudo, wnet, opt, mopt, b, a, q, 0.3)
-        elif v == "jvp_nometa":
-            l2w_iteration(model, wnet, opt, mopt, x, y, cfg, step=1, meta_interval=100)
-        else:
-            l2w_iteration(model, wnet, opt, mopt, x, y, cfg)
+            return {}
+        if v == "jvp_nometa":
+            return l2w_iteration(model, wnet, opt, mopt, x, y, cfg, step=1, meta_interval=100)
+        if v == "jvp_adamw_loop":
+            with _per_parameter_adamw():
+                return l2w_iteration(model, wnet, opt, mopt, x, y, cfg)
+        return l2w_iteration(model, wnet, opt, mopt, x, y, cfg)
 
+    one_iteration.graphed = None
+    if graph:
+
+        def captured(xb, yb, kind):
+            with autocast(args.device, args.dtype, cache=False):  # as the trainer under train.cuda_graph
+                return _one_iteration(xb, yb)
+
+        graphed = GraphedIteration(captured, warmup=GRAPH_WARMUP)
+
+        def one_graph_iteration():
+            graphed(x, y, v)  # x, y copied into the captured inputs, as every new batch is
+
+        one_graph_iteration.graphed = graphed
+        return one_graph_iteration
     return one_iteration
+
+
+@contextlib.contextmanager
+def _per_parameter_adamw():
+    """The AdamW virtual step per parameter (the multi-tensor path off), for its comparison."""
+    vs = importlib.import_module("l2w_dist.meta.virtual_step")  # the module, not the function of that name
+    original = vs._use_adamw_foreach
+    vs._use_adamw_foreach = lambda flag, tensors: False if flag is None else flag
+    try:
+        yield
+    finally:
+        vs._use_adamw_foreach = original
 
 
 def _autocast(args: argparse.Namespace):
@@ -248,9 +297,10 @@ def main(argv=None) -> None:
         print(json.dumps(run_variant(args)))
         return
     variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
+    known = VARIANTS + EXTRA_VARIANTS + GRAPH_VARIANTS
+    bad = [v for v in variants if v not in known]
     if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; allowed: {VARIANTS + EXTRA_VARIANTS}")
+        raise SystemExit(f"unknown variant(s) {bad}; allowed: {known}")
     if args.optimizer != "sgd" and "reference" in variants:
         print("  reference: skipped (the released loop hand-writes an SGD step)")
         variants.remove("reference")

@@ -34,6 +34,8 @@ def test_gpu_suite_cpu_smoke_mode_measures_every_variant(tmp_path):
     expect = {("msdnet_cifar_fp32", v) for v in ("plain", "jvp", "jvp_nometa", "jvp_pre", "autograd")}
     expect |= {("msdnet_cifar_bf16_cl", v) for v in ("plain", "jvp", "jvp_nometa")}
     assert got == expect
+    # the CUDA-graph rows need a GPU: listed as skipped, never silently dropped
+    assert "msdnet_cifar_bf16_cl/jvp_graph: needs CUDA" in report["skipped"]
     for r in report["results"]:
         assert "error" not in r, r  # the suite records a failing variant and goes on: none may fail
         assert r["ms_median"] > 0 and r["ms_min"] > 0
