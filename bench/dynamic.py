@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from l2w_dist.evaluate import confidence_and_prediction, find_thresholds, target_counts  # noqa: E402
 from l2w_dist.infer import DynamicPredictor  # noqa: E402
 from l2w_dist.models import create_model  # noqa: E402
+from l2w_dist.utils import autocast  # noqa: E402
 
 MODELS = {
     "demo": lambda: create_model("msdnet_cifar", num_classes=10, channels=8, growth_rate=4),
@@ -56,10 +57,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def calibrated_thresholds(model, x: torch.Tensor, p: float, device: torch.device) -> torch.Tensor:
+def calibrated_thresholds(model, x: torch.Tensor, p: float, device: torch.device, args) -> torch.Tensor:
     """Thresholds [K] putting the share q_k ∝ p^k of ``x`` at exit k (the evaluation's rule)."""
     logits = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, args.precision):
         for chunk in x.split(64):
             logits.append(torch.stack([o.float().cpu() for o in model(chunk.to(device))]))
     conf, _ = confidence_and_prediction(torch.cat(logits, dim=1))
@@ -75,7 +76,9 @@ def run_case(name: str, model, threads: int, batch: int, points: list[float], ar
     rows = []
     # each stage's own time with every sample running it (nobody leaves): what the time of
     # the stages, rather than their FLOPs, predicts for the dynamic run
-    everyone = DynamicPredictor(model, [None] * (model.num_exits - 1), device=device)
+    everyone = DynamicPredictor(
+        model, [None] * (model.num_exits - 1), device=device, precision=args.precision, channels_last=args.channels_last
+    )
     for c in x.split(batch)[:1]:
         everyone.predict(c)
     stage_s = {}
@@ -83,7 +86,13 @@ def run_case(name: str, model, threads: int, batch: int, points: list[float], ar
         everyone.predict(c, timings=stage_s)
     stage_time = [stage_s[f"stage_{k}"] / n for k in range(model.num_exits)]
     for p in points:
-        predictor = DynamicPredictor(model, calibrated_thresholds(model, x, p, device), device=device)
+        predictor = DynamicPredictor(
+            model,
+            calibrated_thresholds(model, x, p, device, args),
+            device=device,
+            precision=args.precision,
+            channels_last=args.channels_last,
+        )
         flops_full = predictor.exit_flops[-1]
         chunks = list(x.split(batch))
         for c in chunks[:1]:  # warm-up: allocator, kernel choice
@@ -219,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -234,7 +245,7 @@ def main(argv=None) -> int:
                     skipped.append(case)
                     continue
                 rows += run_case(name, model, threads, batch, points, args, device)
-    text = markdown(rows, skipped, str(device))
+    text = markdown(rows, skipped, f"{device} {args.precision}{' channels_last' if args.channels_last else ''}")
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=1))

@@ -96,6 +96,20 @@ def test_l2w_infer_cli_writes_out_json_and_refuses_bad_input(tiny_run, tmp_path,
     assert got["speedup"] == pytest.approx(got["seconds_full"] / got["seconds"])
     assert got["batch_size"] == 16 and got["threads"] == 1
 
+    # a folder of images: classified with the run's evaluation transform, file by file
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (32, 32), colour).save(photos / f"img{i}.png")
+    (photos / "notes.txt").write_text("not an image")
+    record = infer_main(["--checkpoint", str(ckpt), "--point", "0.5", "--images", str(photos), "--no-progress"])
+    assert record["num_samples"] == 3 and record["top1"] is None and sum(record["exit_counts"]) == 3
+    assert record["per_sample"]["file"] == ["img0.png", "img1.png", "img2.png"]
+    assert len(record["per_sample"]["class"]) == len(record["per_sample"]["exit"]) == 3
+    capsys.readouterr()
+
     def refused(*args: str) -> str:
         with pytest.raises(SystemExit) as info:
             infer_main(["--checkpoint", str(ckpt), "--no-progress", *args])
@@ -142,3 +156,34 @@ def test_compaction_when_nobody_or_everybody_leaves_early():
     assert tie.stage_samples == [6, 6 - (tie.exits == 0).sum().item(), 6 - (tie.exits == 0).sum().item()]
     with pytest.raises(PredictorError, match="1 thresholds for a model of 3 exits"):
         DynamicPredictor(model, [0.5])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_exported_stages_give_the_same_outputs(tiny_run, tmp_path):
+    """--export writes one torch.export program per stage; --exported runs them without the
+    model code and takes the same exits and predictions as the checkpoint."""
+    ckpt = tiny_run / "checkpoints" / "last.pt"
+    common = ["--no-progress", "--per-sample"]
+    assert infer_main(["--checkpoint", str(ckpt), "--point", "0.75", "--export", str(tmp_path / "exp")])
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [
+        "meta.json",
+        "stage_0.pt2",
+        "stage_1.pt2",
+        "stage_2.pt2",
+    ]
+    direct = infer_main(["--checkpoint", str(ckpt), "--point", "0.75", *common])
+    exported = infer_main(["--exported", str(tmp_path / "exp"), "--batch-size", "7", *common])
+    assert exported["point"] == 0.75 and exported["thresholds"] == direct["thresholds"]
+    assert exported["per_sample"]["exit"] == direct["per_sample"]["exit"]
+    assert exported["per_sample"]["class"] == direct["per_sample"]["class"]
+    assert exported["top1"] == direct["top1"] and exported["mflops_counted"] == pytest.approx(direct["mflops_counted"])
+
+
+def test_export_of_a_family_without_stages_says_why(tmp_path):
+    from l2w_dist.infer.export import ExportError, export_stages
+
+    model = create_model("cnn_exits", backbone="efficientnet_b0", num_classes=3, img_size=32)
+    with pytest.raises(ExportError, match="cannot be exported: .*EfficientNetFeatures"):
+        export_stages(model, torch.randn(2, 3, 32, 32), tmp_path / "exp", {"thresholds": [None] * 3}, {})
+    assert not (tmp_path / "exp").exists()

@@ -122,18 +122,23 @@ def infer(args: argparse.Namespace) -> dict[str, Any]:
     thresholds = None
     if args.thresholds is not None:
         thresholds = [None if t.lower() in ("none", "null", "inf") else float(t) for t in args.thresholds.split(",")]
-    predictor = DynamicPredictor.from_checkpoint(
-        args.checkpoint,
-        point=args.point,
-        mflops=args.mflops,
-        thresholds=thresholds,
-        eval_json=args.eval_json,
-        weights=args.weights,
-        device=args.device,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        overrides=overrides,
-    )
+    if args.exported:
+        predictor = DynamicPredictor.from_exported(
+            args.exported, args.device, args.precision, args.channels_last, overrides=overrides
+        )
+    else:
+        predictor = DynamicPredictor.from_checkpoint(
+            args.checkpoint,
+            point=args.point,
+            mflops=args.mflops,
+            thresholds=thresholds,
+            eval_json=args.eval_json,
+            weights=args.weights,
+            device=args.device,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            overrides=overrides,
+        )
     cfg = predictor.config
     progress = not args.no_progress
     if args.images:
@@ -145,6 +150,8 @@ def infer(args: argparse.Namespace) -> dict[str, Any]:
         count = getattr(loader, "num_samples", None)  # known when the sidecar has shard counts
         batch = cfg.data.eval_batch_size
         names, batches, num_batches = None, loader, -(-count // batch) if count else None
+    if args.export:
+        return export_predictor(predictor, batches, Path(args.export))
     run = run_predictor(predictor, batches, num_batches, progress=progress)
     record = {
         **run["result"],
@@ -169,12 +176,27 @@ def infer(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def export_predictor(predictor: Any, batches: Iterable, folder: Path) -> dict[str, Any]:
+    """``--export DIR``: the stages as torch.export programs, traced on the first batch."""
+    from ..evaluate.collect import _split_batch
+    from .export import export_stages
+
+    first = next(iter(batches))
+    x = first[0] if isinstance(first, tuple) and first[1] is None else _split_batch(first)[0]
+    point = predictor.describe()
+    export_stages(predictor.model.cpu(), x[:2].cpu(), folder, point, predictor.config.to_dict())
+    print(f"l2w-infer: exported {predictor.model.num_exits} stages and point {point['point']} to {folder}")
+    return {"exported": str(folder), **point}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2w-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by l2w-train")
-    which = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--checkpoint", help="a checkpoint written by l2w-train")
+    parser.add_argument("--exported", help="a folder written by --export (instead of --checkpoint and a point)")
+    parser.add_argument("--export", help="write the stages (torch.export) and the point into this folder, then stop")
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--point", type=float, help="a budget point p of eval.json (0.05 ... 1.95), e.g. 0.75")
     which.add_argument("--mflops", type=float, help="a budget: the most expensive point costing at most F MFLOPs")
     which.add_argument("--thresholds", help="explicit thresholds T_1,...,T_{K-1} (none = nobody leaves there)")
@@ -197,11 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .export import ExportError
     from .predictor import PredictorError
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        parser.exit(2, f"l2w-infer: no checkpoint at {checkpoint}\n")
+    chosen = [a for a in (args.point, args.mflops, args.thresholds) if a is not None]
+    if args.exported:
+        if args.checkpoint or chosen or args.export:
+            parser.exit(2, "l2w-infer: --exported carries its model and point; drop --checkpoint/--point/--mflops\n")
+        if not (Path(args.exported) / "meta.json").is_file():
+            parser.exit(2, f"l2w-infer: no exported model at {args.exported} (meta.json missing)\n")
+    else:
+        if not args.checkpoint:
+            parser.exit(2, "l2w-infer: give --checkpoint CKPT (and --point/--mflops/--thresholds) or --exported DIR\n")
+        if not chosen:
+            parser.exit(2, "l2w-infer: give one of --point P, --mflops F or --thresholds T1,...\n")
+        if not Path(args.checkpoint).is_file():
+            parser.exit(2, f"l2w-infer: no checkpoint at {args.checkpoint}\n")
     if args.batch_size is not None and args.batch_size < 1:
         parser.exit(2, f"l2w-infer: --batch-size must be a positive integer; got {args.batch_size}\n")
     if args.threads is not None and args.threads < 1:
@@ -212,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         parser.exit(2, f"l2w-infer: --images {args.images} is not a folder\n")
     try:
         return infer(args)
-    except (PredictorError, FileNotFoundError) as err:
+    except (PredictorError, ExportError, FileNotFoundError) as err:
         parser.exit(2, f"l2w-infer: {err}\n")
     return None
 

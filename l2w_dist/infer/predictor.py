@@ -190,6 +190,29 @@ class DynamicPredictor:
         """Cumulative multiply-adds per exit for one image (counted once, on first use)."""
         return self.model.exit_flops
 
+    @classmethod
+    def from_exported(
+        cls,
+        folder: str | Path,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        channels_last: bool = False,
+        overrides: Sequence[str] = (),
+    ) -> DynamicPredictor:
+        """Build from a folder written by ``l2w-infer --export`` (one torch.export program per
+        stage and the operating point; no model code needed)."""
+        from ..config import apply_overrides
+        from .export import ExportedModel
+
+        model = ExportedModel(folder)
+        meta = model.meta
+        chosen = OperatingPoint(list(meta["thresholds"]), meta.get("point"), None, meta.get("top1_expected"))
+        if meta.get("mflops_expected") is not None:
+            chosen.flops_expected = meta["mflops_expected"] * 1e6
+        predictor = cls(model, chosen, device=device, precision=precision, channels_last=channels_last)
+        predictor.config = apply_overrides(meta["config"], overrides)
+        return predictor
+
     def _prepare(self, x: Tensor) -> Tensor:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
