@@ -236,15 +236,18 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     points = [float(p) for p in args.points.split(",")]
     start, rows, skipped = time.perf_counter(), [], []
-    for name in args.models.split(","):
-        model = MODELS[name]().eval().to(device)
-        for batch in (int(b) for b in args.batches.split(",")):
-            for threads in (int(t) for t in args.threads.split(",")):
+    models = {}
+    # threads outermost: when the budget runs out, what is left out is the second thread count
+    for threads in (int(t) for t in args.threads.split(",")):
+        for name in args.models.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
                 case = f"{name} batch {batch} threads {threads}"
                 if time.perf_counter() - start > args.budget_s:
                     skipped.append(case)
                     continue
-                rows += run_case(name, model, threads, batch, points, args, device)
+                if name not in models:
+                    models[name] = MODELS[name]().eval().to(device)
+                rows += run_case(name, models[name], threads, batch, points, args, device)
     text = markdown(rows, skipped, f"{device} {args.precision}{' channels_last' if args.channels_last else ''}")
     print(text)
     if args.json:

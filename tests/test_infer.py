@@ -126,7 +126,7 @@ def test_l2w_infer_cli_writes_out_json_and_refuses_bad_input(tiny_run, tmp_path,
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert "keeps no thresholds" in refused("--point", "0.5", "--eval-json", str(tmp_path / "old.json"))
     assert "no eval.json at" in refused("--point", "0.5", "--eval-json", str(tmp_path / "none.json"))
-    assert "2 thresholds" not in refused("--thresholds", "0.5")  # K-1 = 2 wanted, one given
+    assert "1 thresholds for a model of 3 exits" in refused("--thresholds", "0.5")  # K-1 = 2 wanted
     # a budget between two points takes the most expensive point within it
     chosen = choose_point(json.loads((tiny_run / "eval.json").read_text()), mflops=row["flops"] / 1e6 + 1e-9)
     assert chosen.flops_expected >= row["flops"] and chosen.flops_expected <= row["flops"] + 1e-3
