@@ -78,14 +78,20 @@ def test_predictor_takes_the_simulated_exits_on_a_trained_run(tiny_run):
 def test_l2w_infer_cli_writes_out_json_and_refuses_bad_input(tiny_run, tmp_path, capsys):
     ckpt = tiny_run / "checkpoints" / "last.pt"
     out = tmp_path / "out.json"
+    # python -m l2w_dist.infer is the command (its cheapest path: a missing checkpoint, exit 2)
     proc = subprocess.run(
-        [sys.executable, "-m", "l2w_dist.infer", "--checkpoint", str(ckpt), "--point", "0.5"]
-        + ["--output", str(out), "--batch-size", "16", "--threads", "1"],
+        [sys.executable, "-m", "l2w_dist.infer", "--checkpoint", str(tmp_path / "none.pt"), "--point", "0.5"],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip() == f"l2w-infer: no checkpoint at {tmp_path / 'none.pt'}"
+    threads = torch.get_num_threads()
+    try:
+        args = ["--checkpoint", str(ckpt), "--point", "0.5", "--output", str(out), "--batch-size", "16"]
+        infer_main([*args, "--threads", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
     got = json.loads(out.read_text())
     row = next(r for r in json.loads((tiny_run / "eval.json").read_text())["budgeted"] if r["p"] == 0.5)
     for key in ("point", "thresholds", "num_samples", "top1", "exit_counts", "mflops_expected", "mflops_counted"):
