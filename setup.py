@@ -38,6 +38,7 @@ setup(
         "console_scripts": [
             "l2w-train=l2w_dist.train:main",
             "l2w-eval=l2w_dist.validate:main",
+            "l2w-infer=l2w_dist.infer.cli:main",
         ]
     },
 )

@@ -354,7 +354,23 @@ def main(argv=None) -> None:
             profile += profile_variants(args)  # after the first case: the floor is measured early
             write()
     print(markdown(device, results, ratios(results), profile))
+    dynamic_section(args, out_dir)
     print(f"total {time.perf_counter() - args.t0:.0f} s")
+
+
+def dynamic_section(args: argparse.Namespace, out_dir: Path) -> None:
+    """Real early exit on the GPU (bench/dynamic.py): the demo model, msdnet_imagenet step 4
+    and the DeiT-S exits, batch 1/64/256, 3 budget points, bf16 + channels_last, against the
+    full network; OUT_DIR/dynamic.{json,md}. Not run in the CPU smoke mode."""
+    if args.device != "cuda":
+        return
+    import dynamic  # bench/dynamic.py, beside this file
+
+    dynamic.main(
+        ["--device", "cuda", "--precision", "bf16", "--channels-last", "--threads", "1"]
+        + ["--batches", "1,64,256", "--repeats", "3", "--budget-s", "120"]
+        + ["--json", str(out_dir / "dynamic.json"), "--md", str(out_dir / "dynamic.md")]
+    )
 
 
 if __name__ == "__main__":

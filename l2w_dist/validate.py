@@ -19,36 +19,51 @@ from typing import Any
 WEIGHTS = ("auto", "model", "ema")
 
 
+def checkpoint_weights(state: dict[str, Any], weights: str, checkpoint: str | Path) -> dict[str, Any]:
+    """The state dict ``weights`` picks from a loaded checkpoint (``auto``: the EMA copy when
+    the run kept one, as the trainer's final evaluation does)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}; expected one of {WEIGHTS}")
+    use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
+    if use_ema and state.get("ema") is None:
+        raise ValueError(f"{checkpoint} holds no EMA weights (train.ema_decay was 0)")
+    return state["ema"] if use_ema else state["model"]
+
+
+def build_evaluated_model(cfg: Any, weights_state: dict[str, Any], device: Any) -> Any:
+    """The model as the trainer builds it for evaluation (device normalisation of uint8
+    inputs, channels_last as configured), so that its forward is the one eval.json came from."""
+    import torch
+
+    from .data import attach_device_normalization
+    from .models import create_model
+
+    model = create_model(cfg.model.name, **cfg.model.options).to(device)
+    attach_device_normalization(model, cfg)  # the loaders yield uint8 images then
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.load_state_dict(weights_state)
+    return model
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path, output: str | Path, overrides: Sequence[str] = (), weights: str = "auto"
 ) -> dict[str, Any]:
     """Evaluate the weights of ``checkpoint`` (``auto``: the EMA copy when the run kept one)
     with its config and ``overrides``; eval.json and curve.png go into ``output`` and rank 0
     prints the anytime table. Returns the eval.json record."""
-    import torch
-
     from .config import apply_overrides
-    from .data import attach_device_normalization, resolve_data_spec
+    from .data import resolve_data_spec
     from .distributed import cleanup, init_distributed
     from .engine.checkpoint import load_checkpoint
     from .evaluate import evaluate_run, print_anytime_table
-    from .models import create_model
 
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}; expected one of {WEIGHTS}")
     state = load_checkpoint(checkpoint)
     cfg = apply_overrides(state["config"], overrides)
-    use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
-    if use_ema and state.get("ema") is None:
-        raise ValueError(f"{checkpoint} holds no EMA weights (train.ema_decay was 0)")
+    weights_state = checkpoint_weights(state, weights, checkpoint)
     env = init_distributed()
     try:
-        # Built as the trainer builds it, so the forward is the one its evaluation ran.
-        model = create_model(cfg.model.name, **cfg.model.options).to(env.device)
-        attach_device_normalization(model, cfg)  # the loaders yield uint8 images then
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model.load_state_dict(state["ema"] if use_ema else state["model"])
+        model = build_evaluated_model(cfg, weights_state, env.device)
         result = evaluate_run(model, cfg, env, resolve_data_spec(cfg, env), Path(output))
         if env.rank == 0:
             print_anytime_table(result)

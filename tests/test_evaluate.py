@@ -28,6 +28,7 @@ from l2w_dist.evaluate import (
     plot_curves,
     target_counts,
     target_proportions,
+    thresholds_from_list,
     write_eval_json,
 )
 from tests.helpers.eval_reference import literal_budgeted, literal_softmax_max, literal_with_threshold
@@ -75,6 +76,7 @@ def test_budgeted_equals_literal_loop(num_exits, kind):
         want_thr = [math.inf if t == 1e8 else (-math.inf if t == -1e8 else t) for t in want["T"]]
         assert thr == want_thr, f"p={want['p']}"
         assert details.test_exit_counts[i].tolist() == want["exp"], f"p={want['p']}"
+        assert got.pop("thresholds") == [None if t == math.inf else t for t in want_thr[:-1]]
         assert got == {"p": want["p"], "flops": want["flops"], "top1": want["top1"]}, f"p={want['p']}"
         _, h_exp, _ = literal_with_threshold(h_max, h_arg, h_labels, flops, want["T"])
         assert details.holdout_exit_counts[i].tolist() == h_exp, f"p={want['p']}"
@@ -318,3 +320,24 @@ def test_collect_logits_gathers_across_ranks():
     for logits, labels, full in run_ranks(_collect_logits_on_rank, 2):
         assert labels.tolist() == list(range(11)), labels
         assert logits.shape == (1, 11, 3) and torch.allclose(logits[0], full), logits
+
+
+def test_eval_json_keeps_each_points_thresholds_and_the_calibration_split(tmp_path):
+    """A predictor runs an operating point from eval.json alone: the stored thresholds are the
+    calibrated float32 values exactly, +inf (nobody leaves) as null, with the split they came from."""
+    gen = torch.Generator().manual_seed(3)
+    h_logits, h_labels = torch.randn(3, 10, 4, generator=gen), torch.randint(0, 4, (10,), generator=gen)
+    t_logits, t_labels = torch.randn(3, 40, 4, generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    details = budgeted_details(h_logits, h_labels, t_logits, t_labels, [1.0, 2.0, 3.0])
+    assert torch.isinf(details.thresholds[:, :-1]).any() and torch.isfinite(details.thresholds[:, :-1]).any()
+    path = write_eval_json(
+        tmp_path / "eval.json", [], details.points, calibration={"split": "holdout", "num_samples": 10}
+    )
+    record = load_eval_json(path)
+    assert record["calibration"] == {"split": "holdout", "num_samples": 10}
+    assert "Infinity" not in path.read_text()
+    for row, want in zip(record["budgeted"], details.thresholds, strict=True):
+        assert len(row["thresholds"]) == 2
+        assert torch.equal(thresholds_from_list(row["thresholds"], 3), want)  # bit for bit, ±inf included
+    with pytest.raises(ValueError, match="2 thresholds for a model of 4 exits"):
+        thresholds_from_list([0.5, None], 4)

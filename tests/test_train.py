@@ -152,10 +152,13 @@ def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
     )
     assert result["status"] == "finished"
     saved = json.loads((run_dir / "eval.json").read_text())
-    assert set(saved) == {"anytime", "budgeted"}
+    assert set(saved) == {"anytime", "budgeted", "calibration"}
+    assert saved["calibration"] == {"split": "holdout", "num_samples": 64}
     assert [r["exit"] for r in saved["anytime"]] == [1, 2, 3]
     assert all(set(r) == {"exit", "flops", "top1", "top5"} for r in saved["anytime"])
-    assert len(saved["budgeted"]) == 39 and all(set(r) == {"p", "flops", "top1"} for r in saved["budgeted"])
+    budget_keys = {"p", "flops", "top1", "thresholds"}
+    assert len(saved["budgeted"]) == 39 and all(set(r) == budget_keys for r in saved["budgeted"])
+    assert all(len(r["thresholds"]) == 2 for r in saved["budgeted"])  # exits 1..K-1
     flops = [r["flops"] for r in saved["anytime"]]
     assert flops == sorted(flops) and flops[0] > 0
     assert (run_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,6 +22,8 @@ from .metrics import (
     find_thresholds,
     target_counts,
     target_proportions,
+    thresholds_from_list,
+    thresholds_to_list,
 )
 from .plots import plot_curves
 from .references import REFERENCES, load_reference
@@ -48,5 +50,7 @@ __all__ = [
     "print_anytime_table",
     "target_counts",
     "target_proportions",
+    "thresholds_from_list",
+    "thresholds_to_list",
     "write_eval_json",
 ]

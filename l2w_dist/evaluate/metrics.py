@@ -197,6 +197,24 @@ def _apply_thresholds(
     return hist.sum(dim=2), hist[:, :, 1].sum(dim=1)
 
 
+def thresholds_to_list(thresholds: torch.Tensor) -> list[float | None]:
+    """One operating point's thresholds ``[K]`` as stored in eval.json: the K-1 thresholds of
+    exits 1..K-1 (the last exit takes every sample left), ``None`` where nobody leaves
+    (T_k = +inf). Finite values are float32 numbers, written exactly (JSON floats are doubles)."""
+    return [None if v == float("inf") else float(v) for v in thresholds[:-1].tolist()]
+
+
+def thresholds_from_list(values: Sequence[float | None], num_exits: int) -> torch.Tensor:
+    """The inverse of :func:`thresholds_to_list`: float32 ``[K]``, +inf for ``None``, -inf last."""
+    if len(values) != num_exits - 1:
+        raise ValueError(
+            f"{len(values)} thresholds for a model of {num_exits} exits; give one per exit but the last "
+            "(which takes every sample left), null/None where nobody leaves"
+        )
+    out = [float("inf") if v is None else float(v) for v in values] + [float("-inf")]
+    return torch.tensor(out, dtype=torch.float32)
+
+
 @dataclass
 class BudgetedDetails:
     """Everything behind the budgeted curve, for tests, logging and debugging."""
@@ -207,7 +225,7 @@ class BudgetedDetails:
     test_exit_counts: torch.Tensor  # [P, K] int64
     test_correct: torch.Tensor  # [P] int64, correct predictions at the chosen exits
     num_test: int
-    points: list[dict]  # [{"p", "flops", "top1"}]
+    points: list[dict]  # [{"p", "flops", "top1", "thresholds"}]
 
 
 def budgeted_details(
@@ -267,11 +285,11 @@ def budgeted_from_confidence(
     test_exit_counts, test_correct = test_exit_counts.cpu(), test_correct.cpu()
 
     points = []
-    for p, row, right in zip(ps, test_exit_counts.tolist(), test_correct.tolist()):
+    for p, row, right, t in zip(ps, test_exit_counts.tolist(), test_correct.tolist(), thresholds.cpu()):
         exp_flops = 0.0
         for k in range(num_exits):
             exp_flops += row[k] / n_t * flops[k]
-        points.append({"p": p, "flops": exp_flops, "top1": right * 100.0 / n_t})
+        points.append({"p": p, "flops": exp_flops, "top1": right * 100.0 / n_t, "thresholds": thresholds_to_list(t)})
     return BudgetedDetails(
         ps=ps,
         thresholds=thresholds.cpu(),
@@ -291,10 +309,11 @@ def budgeted(
     exit_flops: Sequence[float],
     ps: Sequence[float] | None = None,
 ) -> list[dict]:
-    """Budgeted-batch curve: ``[{"p", "flops", "top1"}]``, one point per p (default 1/20 ... 39/20).
+    """Budgeted-batch curve: ``[{"p", "flops", "top1", "thresholds"}]``, one point per p (default 1/20 ... 39/20).
 
     Thresholds are calibrated on the held-out logits (a clean split of the training data,
     never the test set) and applied to the test logits; ``flops`` is the expected cost per
-    test image ``Σ_k frac_k · exit_flops[k]``, ``top1`` the test accuracy in %.
+    test image ``Σ_k frac_k · exit_flops[k]``, ``top1`` the test accuracy in %,
+    ``thresholds`` the point's per-exit thresholds (:func:`thresholds_to_list`).
     """
     return budgeted_details(holdout_logits, holdout_labels, test_logits, test_labels, exit_flops, ps).points

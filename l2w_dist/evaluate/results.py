@@ -11,6 +11,7 @@ from ..utils import atomic_write_json
 
 ANYTIME_KEYS = ("exit", "flops", "top1", "top5")
 BUDGETED_KEYS = ("p", "flops", "top1")
+CALIBRATION_KEYS = ("split", "num_samples")
 
 
 def _rows(rows: Iterable[dict], keys: tuple[str, ...], what: str) -> list[dict]:
@@ -20,21 +21,39 @@ def _rows(rows: Iterable[dict], keys: tuple[str, ...], what: str) -> list[dict]:
         if missing:
             raise ValueError(f"{what}[{i}] lacks {missing}; each row needs exactly {list(keys)}")
         out.append({k: (int(row[k]) if k == "exit" else float(row[k])) for k in keys})
+        # the operating point's thresholds, kept so that a predictor needs no calibration
+        if "thresholds" in row:
+            out[-1]["thresholds"] = [None if t is None else float(t) for t in row["thresholds"]]
     return out
 
 
-def write_eval_json(path: str | os.PathLike, anytime: Sequence[dict], budgeted: Sequence[dict]) -> Path:
-    """Write ``{"anytime": [{exit, flops, top1, top5}], "budgeted": [{p, flops, top1}]}`` atomically.
+def _calibration(calibration: dict, what: str) -> dict:
+    missing = [k for k in CALIBRATION_KEYS if k not in calibration]
+    if missing:
+        raise ValueError(f"{what} lacks {missing}; it needs {list(CALIBRATION_KEYS)}")
+    return {"split": str(calibration["split"]), "num_samples": int(calibration["num_samples"])}
 
-    Only the schema's keys are written (extra keys in the rows are dropped), so readers can
-    rely on the exact shape. Written to a temporary file in the same folder, flushed and
-    fsynced, then renamed (:func:`~l2w_dist.utils.atomic_write`): a crash never leaves a half-written eval.json.
+
+def write_eval_json(
+    path: str | os.PathLike, anytime: Sequence[dict], budgeted: Sequence[dict], calibration: dict | None = None
+) -> Path:
+    """Write ``{"anytime": [{exit, flops, top1, top5}], "budgeted": [{p, flops, top1, thresholds}],
+    "calibration": {split, num_samples}}`` atomically.
+
+    ``thresholds`` (kept where the rows carry them) and ``calibration`` (the split the
+    thresholds were calibrated on and its size; given or left out) are what a predictor
+    needs to run an operating point without calibrating again. Only the schema's keys are
+    written (extra keys in the rows are dropped), so readers can rely on the exact shape.
+    Written to a temporary file in the same folder, flushed and fsynced, then renamed
+    (:func:`~l2w_dist.utils.atomic_write`): a crash never leaves a half-written eval.json.
     """
     path = Path(path)
     record = {
         "anytime": _rows(anytime, ANYTIME_KEYS, "anytime"),
         "budgeted": _rows(budgeted, BUDGETED_KEYS, "budgeted"),
     }
+    if calibration is not None:
+        record["calibration"] = _calibration(calibration, "calibration")
     atomic_write_json(path, record)
     return path
 
@@ -48,13 +67,17 @@ def load_eval_json(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"no eval.json at {path}")
     with open(path) as f:
         record = json.load(f)
-    if not isinstance(record, dict) or set(record) != {"anytime", "budgeted"}:
+    allowed = {"anytime", "budgeted", "calibration"}
+    if not isinstance(record, dict) or not {"anytime", "budgeted"} <= set(record) <= allowed:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}: expected keys ['anytime', 'budgeted']; got {keys}")
-    return {
+        raise ValueError(f"{path}: expected keys ['anytime', 'budgeted'] (and optionally 'calibration'); got {keys}")
+    out = {
         "anytime": _rows(record["anytime"], ANYTIME_KEYS, f"{path}: anytime"),
         "budgeted": _rows(record["budgeted"], BUDGETED_KEYS, f"{path}: budgeted"),
     }
+    if "calibration" in record:
+        out["calibration"] = _calibration(record["calibration"], f"{path}: calibration")
+    return out
 
 
 def print_anytime_table(record: dict) -> None:

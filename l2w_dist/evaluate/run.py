@@ -29,11 +29,13 @@ def evaluate_model(
     exit_flops: Sequence[float],
     precision: str = "fp32",
     ps: Sequence[float] | None = None,
+    calibration_split: str = "holdout",
 ) -> dict:
     """Anytime on the test split and budgeted batch with thresholds calibrated on
-    ``calibration_loader`` (the held-out split, normally).
+    ``calibration_loader`` (the held-out split, normally; ``calibration_split`` names it).
 
-    Returns ``{"anytime": [...], "budgeted": [...]}`` (the eval.json record). In a
+    Returns ``{"anytime": [...], "budgeted": [...], "calibration": {...}}`` (the eval.json
+    record; each budgeted row keeps its thresholds). In a
     distributed job every rank must call it (the logits are all-gathered) and every rank
     gets the same record; write it on rank 0.
     """
@@ -42,6 +44,7 @@ def evaluate_model(
     return {
         "anytime": anytime(test_logits, test_labels, exit_flops),
         "budgeted": budgeted(calibration_logits, calibration_labels, test_logits, test_labels, exit_flops, ps),
+        "calibration": {"split": calibration_split, "num_samples": int(calibration_labels.numel())},
     }
 
 
@@ -64,10 +67,11 @@ def evaluate_run(model: nn.Module, cfg: Config, env: DistEnv, data_spec: str, ou
         env.device,
         exit_flops,
         precision=cfg.train.precision,
+        calibration_split=cfg.data.calibration,
     )
     if env.rank == 0:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
-        write_eval_json(output / "eval.json", result["anytime"], result["budgeted"])
+        write_eval_json(output / "eval.json", result["anytime"], result["budgeted"], result["calibration"])
         plot_curves({output.name: result}, output / "curve.png")
     return result

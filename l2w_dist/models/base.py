@@ -1,12 +1,39 @@
-"""What every model in the zoo is: a module returning K logits, with counted per-exit FLOPs."""
+"""What every model in the zoo is: a module returning K logits, with counted per-exit FLOPs,
+that can also run stage by stage for the samples still active (real early exit)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 FLOP_CONVENTIONS = ("macs", "op_counter")
+
+
+@dataclass
+class StageState:
+    """What the stages after exit k need from the stages before it, for a batch of samples.
+
+    ``tensors`` is any nesting of lists, tuples and dicts whose leaves are batch-first
+    tensors (the same batch size everywhere). :meth:`select` is the one compaction
+    mechanism of the stepwise forward: the samples that leave are dropped from every
+    carried tensor before the next stage runs.
+    """
+
+    tensors: Any
+
+    @property
+    def batch_size(self) -> int:
+        return tree_leaves(self.tensors)[0].shape[0]
+
+    def select(self, keep: Tensor) -> StageState:
+        """The samples where ``keep`` is true (a bool mask ``[B]``) or at ``keep`` (int64 indices)."""
+        index = keep.nonzero().squeeze(1) if keep.dtype == torch.bool else keep
+        return StageState(tree_map(lambda t: t.index_select(0, index), self.tensors))
 
 
 class MultiExitModel(nn.Module):
@@ -29,6 +56,42 @@ class MultiExitModel(nn.Module):
     input_size: tuple[int, int, int]
     exit_heads: nn.ModuleList
     flop_convention: str = "macs"
+
+    def stages(self) -> int:
+        """Number of stages of the stepwise forward (one per exit)."""
+        return self.num_exits
+
+    def begin(self, x: Tensor) -> StageState:
+        """The state stage 0 starts from. The model's forward pre-hooks (e.g. the uint8
+        input normaliser of ``data.normalize_on=device``) run first, as they do for ``forward``."""
+        for hook in self._forward_pre_hooks.values():
+            result = hook(self, (x,))
+            if result is not None:
+                x = result[0] if isinstance(result, tuple) else result
+        return StageState(self._begin(x))
+
+    def step(self, k: int, state: StageState) -> tuple[Tensor, StageState]:
+        """Run stage ``k`` (0-based) on the samples of ``state``: exit k's logits ``[B, C]``
+        and the state stage k+1 starts from (empty after the last stage)."""
+        if not 0 <= k < self.num_exits:
+            raise IndexError(f"stage {k} out of range; {type(self).__name__} has {self.num_exits} stages")
+        logits, tensors = self._step(k, state.tensors)
+        return logits, StageState(tensors if k < self.num_exits - 1 else [])
+
+    def _begin(self, x: Tensor) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no stepwise forward (_begin/_step); see docs/models.md")
+
+    def _step(self, k: int, tensors: Any) -> tuple[Tensor, Any]:
+        raise NotImplementedError(f"{type(self).__name__} has no stepwise forward (_begin/_step); see docs/models.md")
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Every exit's logits: each stage in turn on the whole batch."""
+        tensors = self._begin(x)
+        logits = []
+        for k in range(self.num_exits):
+            out, tensors = self._step(k, tensors)
+            logits.append(out)
+        return logits
 
     @property
     def exit_flops(self) -> list[float]:

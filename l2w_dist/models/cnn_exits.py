@@ -10,6 +10,12 @@ feature extractors differ by family (``FeatureListNet``, ``EfficientNetFeatures`
 hook-based ones), so the module that produces each stage's feature map is found once, by
 a probe forward at construction (the last module to return that very tensor), and a
 forward hook on it runs the exit head.
+
+The stepwise forward (test-time early exit) needs the stages as separate pieces: it is
+available when the feature extractor runs its direct children in order and every exit's
+producer is one of them (timm's ``FeatureListNet``/``FeatureDictNet``: resnets, regnets,
+convnexts, ...). Other extractors (``EfficientNetFeatures``, hook-based ones) train and
+evaluate as usual; their stepwise forward raises an error naming the reason.
 """
 
 from __future__ import annotations
@@ -74,6 +80,27 @@ def _find_feature_producers(
     return producers, [tuple(o.shape) for o in outs]
 
 
+def _sequential_segments(features: nn.Module, producers: Sequence[nn.Module]) -> list[list[str]] | str:
+    """Child names of ``features`` per stage (children after the previous exit's producer up
+    to this exit's), or the reason why the extractor cannot run stage by stage."""
+    kind = type(features).__name__
+    if not isinstance(features, nn.ModuleDict):
+        return (
+            f"cnn_exits: the stepwise forward needs a feature extractor that runs its children in order "
+            f"(timm FeatureListNet/FeatureDictNet); this backbone gives {kind}"
+        )
+    names = list(features.keys())
+    position = {id(mod): i for i, mod in enumerate(features.values())}
+    if any(id(p) not in position for p in producers):
+        return f"cnn_exits: an exit's feature map is produced inside a child of {kind}, not by a child itself"
+    segments, start = [], 0
+    for producer in producers:
+        end = position[id(producer)] + 1
+        segments.append(names[start:end])
+        start = end
+    return segments
+
+
 class CNNExits(MultiExitModel):
     """A timm feature extractor with a pool + linear exit on each of its returned stages."""
 
@@ -95,6 +122,20 @@ class CNNExits(MultiExitModel):
         self._pending: list[Tensor] | None = None
         for k, producer in enumerate(producers):
             producer.register_forward_hook(partial(self._run_exit, k))
+        self._segments = _sequential_segments(features, producers)
+
+    # Stepwise forward: the state is the feature map; stage k runs the extractor's children
+    # after exit k-1's producer up to exit k's, then exit k's head. (The exit hooks stay
+    # idle: they only collect inside ``forward``.)
+    def _begin(self, x: Tensor) -> Tensor:
+        if isinstance(self._segments, str):
+            raise NotImplementedError(self._segments)
+        return x
+
+    def _step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        for name in self._segments[k]:
+            x = self.features[name](x)
+        return self.exit_heads[k](x), x
 
     def _run_exit(self, k: int, _mod: nn.Module, _inp: Any, out: Tensor) -> None:
         if self._pending is not None:

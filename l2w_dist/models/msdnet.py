@@ -362,13 +362,14 @@ class MSDNet(MultiExitModel):
         width = 128 if data == "cifar" else c_in
         return ExitHead(conv_pool_trunk(c_in, width, conv=ConvBNReLU), width, num_classes)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        logits = []
-        h: Any = x
-        for block, head in zip(self.blocks, self.classifier):
-            h = block(h)
-            logits.append(head(h))
-        return logits
+    # Stepwise forward: stage k is block k and its classifier; the state is the list of
+    # kept scale tensors (the image before block 0). ``forward`` is the base class's loop.
+    def _begin(self, x: Tensor) -> Any:
+        return x
+
+    def _step(self, k: int, h: Any) -> tuple[Tensor, Any]:
+        h = self.blocks[k](h)
+        return self.classifier[k](h), h
 
 
 # --------------------------------------------------------------------------------------

@@ -261,6 +261,7 @@ class RANet(MultiExitModel):
             self.flows.append(flow)
             self._exit_after.append(exits_here)
         self.num_exits = len(self.exit_heads)
+        self._starts = self._stage_starts()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -275,24 +276,44 @@ class RANet(MultiExitModel):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    # Stepwise forward. Stage k runs from the block after exit k-1 to exit k, crossing into
+    # the next flow where the current one ends. The state between stages holds the stem
+    # outputs of the flows not started yet (``rest``), the current flow's output ``h`` and
+    # the per-layer features of its blocks (``feats``, which the next flow's fused blocks
+    # read; empty in the last flow). The lower flow's features are not carried: exits sit
+    # after plain blocks only, and a flow's plain blocks all come after its fused ones.
+    def _begin(self, x: Tensor) -> dict:
         base = []
         for layer in self.stem:
             x = layer(x)
             base.append(x)
         base = base[::-1]  # lowest resolution first
-        logits: list[Tensor] = []
-        low_feats: list[list[Tensor]] = []
-        for s, flow in enumerate(self.flows):
-            h = base[s]
-            feats: list[list[Tensor]] = []
-            for b, block in enumerate(flow):
-                h, layer_feats = block(h, low_feats[b] if block.fused else None)
-                feats.append(layer_feats)
-                if self._exit_after[s][b]:
-                    logits.append(self.exit_heads[len(logits)](h))
-            low_feats = feats
-        return logits
+        return {"rest": base[1:], "h": base[0], "feats": [], "low": []}
+
+    def _stage_starts(self) -> list[tuple[int, int]]:
+        """(flow, block) where each stage starts; a block index past the flow's end means the next flow."""
+        starts, start = [], (0, 0)
+        for s, exits in enumerate(self._exit_after):
+            for b, has_exit in enumerate(exits):
+                if has_exit:
+                    starts.append(start)
+                    start = (s, b + 1)
+        return starts
+
+    def _step(self, k: int, state: dict) -> tuple[Tensor, dict]:
+        s, b = self._starts[k]
+        rest, h, feats, low = state["rest"], state["h"], state["feats"], state["low"]
+        while True:
+            if b == len(self.flows[s]):  # the flow ended: the next one fuses its features
+                s, b, low, feats, h, rest = s + 1, 0, feats, [], rest[0], rest[1:]
+            block = self.flows[s][b]
+            h, layer_feats = block(h, low[b] if block.fused else None)
+            feats = [*feats, layer_feats]
+            if self._exit_after[s][b]:
+                break
+            b += 1
+        last_flow = s == len(self.flows) - 1
+        return self.exit_heads[k](h), {"rest": rest, "h": h, "feats": [] if last_flow else feats, "low": []}
 
     @property
     def exit_flops_official(self) -> list[float]:

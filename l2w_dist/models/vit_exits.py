@@ -104,20 +104,20 @@ class ViTExits(MultiExitModel):
             return x[:, 0]
         return x[:, self.num_prefix_tokens :].mean(dim=1)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    # Stepwise forward: the state is the token sequence; stage k runs the blocks after
+    # exit k-1 up to the block of exit k, then exit k's head. ``forward`` is the base loop.
+    def _begin(self, x: Tensor) -> Tensor:
         bb = self.backbone
         x = bb.patch_embed(x)
         x = bb._pos_embed(x)
         x = bb.patch_drop(x) if hasattr(bb, "patch_drop") else x
-        x = bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
-        logits: list[Tensor] = []
-        k = 0
-        for i, block in enumerate(bb.blocks, start=1):
+        return bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
+
+    def _step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        first = self.exit_blocks[k - 1] if k > 0 else 0
+        for block in self.backbone.blocks[first : self.exit_blocks[k]]:
             x = block(x)
-            if i == self.exit_blocks[k]:
-                logits.append(self.exit_heads[k](self._pool(x)))
-                k += 1
-        return logits
+        return self.exit_heads[k](self._pool(x)), x
 
 
 @register_model
