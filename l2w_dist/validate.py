@@ -27,7 +27,7 @@ def evaluate_checkpoint(
     prints the anytime table. Returns the eval.json record."""
     import torch
 
-    from .config import apply_overrides
+    from .config import ConfigError, apply_overrides, check_run
     from .data import attach_device_normalization, resolve_data_spec
     from .distributed import cleanup, init_distributed
     from .engine.checkpoint import load_checkpoint
@@ -35,12 +35,13 @@ def evaluate_checkpoint(
     from .models import create_model
 
     if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}; expected one of {WEIGHTS}")
+        raise ConfigError(f"weights={weights!r}; expected one of {WEIGHTS}")
     state = load_checkpoint(checkpoint)
     cfg = apply_overrides(state["config"], overrides)
+    check_run(cfg, evaluating=True)  # before the data or the model is touched
     use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
     if use_ema and state.get("ema") is None:
-        raise ValueError(f"{checkpoint} holds no EMA weights (train.ema_decay was 0)")
+        raise ConfigError(f"--weights ema: {checkpoint} holds no EMA weights (train.ema_decay was 0)")
     env = init_distributed()
     try:
         # Built as the trainer builds it, so the forward is the one its evaluation ran.
@@ -77,7 +78,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not checkpoint.is_file():
         parser.exit(2, f"l2w-eval: no checkpoint at {checkpoint}\n")
     output = Path(args.output) if args.output else checkpoint.parent.parent
-    evaluate_checkpoint(checkpoint, output, args.overrides, weights=args.weights)
+    from .config import ConfigError, one_line
+
+    try:
+        evaluate_checkpoint(checkpoint, output, args.overrides, weights=args.weights)
+    except ConfigError as err:  # raised before any work: a bad override, data spec or --weights
+        parser.exit(2, f"l2w-eval: config error: {one_line(err)}\n")
 
 
 if __name__ == "__main__":
