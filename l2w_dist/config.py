@@ -380,9 +380,9 @@ def _check_data(cfg: Config, world_size: int, evaluating: bool) -> None:
                 f"tools/make_shards.py): {one_line(err)}"
             ) from None
         wanted = ["test"] if evaluating or ev.enabled else []
-        if not evaluating:
+        if not evaluating or data.calibration == "train_augmented":  # which calibrates on training images
             wanted.append("train")
-        if needs_holdout or (not evaluating and data.calibration == "train_augmented"):
+        if needs_holdout or (not evaluating and data.calibration == "train_augmented"):  # trained on too
             wanted.append("holdout")
         counts = {}
         for split in wanted:
