@@ -163,7 +163,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {one_line(err)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return apply_overrides(raw, overrides)
@@ -177,7 +180,11 @@ def apply_overrides(base: Config | dict[str, Any], overrides: typing.Sequence[st
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.4)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({one_line(err)})") from None
+        _set_dotted(raw, key.strip(), parsed)
     return config_from_dict(raw)
 
 
@@ -249,7 +256,8 @@ def check_run(cfg: Config, *, world_size: int | None = None, evaluating: bool = 
     """
     if world_size is None:
         world_size = _launch_world_size()
-    _check_model(cfg.model)
+    model = _check_model(cfg.model)
+    _check_input_size(cfg, model)
     _check_data(cfg, world_size, evaluating)
     _check_runtime(cfg, world_size, evaluating)
 
@@ -268,7 +276,9 @@ def _launch_world_size() -> int:
         return 1  # init_distributed reports a broken launch environment itself
 
 
-def _check_model(model: ModelConfig) -> None:
+def _check_model(model: ModelConfig) -> Any:
+    """The model's name and options; returns the model built on the meta device (None when
+    a builder needs an op the meta device lacks)."""
     import inspect
 
     import torch
@@ -299,10 +309,31 @@ def _check_model(model: ModelConfig) -> None:
         options["pretrained"] = False  # the real build loads the weights; the dry build checks the rest
     try:
         with torch.device("meta"):
-            create_model(model.name, **options)
+            return create_model(model.name, **options)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.options={model.options!r} refused by {model.name}: {one_line(err)}") from None
     except Exception:  # noqa: BLE001 - not a bad option but an op the meta device lacks: the real build tells
+        return None
+
+
+def _check_input_size(cfg: Config, model: Any) -> None:
+    """One forward of the meta-device model on an image of the run's size (shapes only, no
+    arithmetic): a model that cannot take ``data.img_size`` fails here, not at the first step."""
+    import torch
+
+    from .data.transforms import dataset_info
+
+    if model is None:
+        return
+    size = cfg.data.img_size
+    try:
+        with torch.device("meta"), torch.no_grad():  # eval mode: BatchNorm needs no batch statistics
+            model.eval()(torch.empty(2, dataset_info(cfg.data.dataset).in_chans, size, size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise ConfigError(
+            f"data.img_size={size} does not fit model {cfg.model.name} (options {cfg.model.options!r}): {one_line(err)}"
+        ) from None
+    except Exception:  # noqa: BLE001 - an op the meta device lacks: the first real step tells
         pass
 
 

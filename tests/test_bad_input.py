@@ -113,6 +113,8 @@ SWEEP = [
     ("tiny", ["data.spec=FOLDER"], "data.spec"),
     ("tiny", ["data.num_workers=-1"], "data.num_workers"),
     ("tiny", ["data.img_size=4"], "data.img_size"),
+    ("tiny", ["data.img_size=224"], "data.img_size"),  # the CIFAR MSDNet's exits expect 32x32
+    ("tiny", ["data.img_size=8"], "data.img_size"),  # too small for its strided exits
     ("tiny", ["data.max_bad_fraction=1.5"], "data.max_bad_fraction"),
     ("tiny", ["data.calibration=train"], "data.calibration"),
     ("tiny", ["data.dataset=mnist"], "data.dataset"),
@@ -120,6 +122,7 @@ SWEEP = [
     ("demo", ["data.holdout=70000"], "data.holdout"),
     ("demo", ["data.holdout=0"], "data.holdout"),
     ("demo", ["data.root=A_FILE/sub"], "data.root"),
+    ("demo", ["model.name=vit_exits", "model.options={backbone: deit_tiny_patch16_224}"], "data.img_size"),
     # optimisation and schedule
     ("tiny", ["optim.lr=-1"], "optim.lr"),
     ("tiny", ["optim.lr=fast"], "optim.lr"),
@@ -153,6 +156,7 @@ SWEEP = [
     ("tiny", ["wandb.mode=maybe"], "wandb.mode"),
     ("tiny", ["wandb.tags=[ok,'']"], "wandb.tags"),
     ("tiny", ["optim.lr"], "optim.lr"),  # not key=value
+    ("tiny", ["model.options={num_classes: 4"], "model.options"),  # not YAML
 ]
 if not torch.cuda.is_available():
     SWEEP.append(("tiny", ["train.device=cuda"], "train.device"))
