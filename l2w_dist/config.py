@@ -10,8 +10,10 @@ are declared once, by the L2W step (l2w_dist/meta/settings.py).
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +166,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {one_line(err)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return apply_overrides(raw, overrides)
@@ -178,7 +183,11 @@ def apply_overrides(base: Config | dict[str, Any], overrides: typing.Sequence[st
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.4)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({one_line(err)})") from None
+        _set_dotted(raw, key.strip(), parsed)
     return config_from_dict(raw)
 
 
@@ -233,3 +242,257 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_plain(v) for v in obj]
     return obj
+
+
+# Checks across keys and against the world outside the config -------------------------------
+FASHION_MNIST_TRAIN = 60_000  # training images of the embedded data set (before the held-out split)
+
+
+def check_run(cfg: Config, *, world_size: int | None = None, evaluating: bool = False) -> None:
+    """What the per-field checks cannot see, checked before any work: the model name and its
+    options (against the builder's signature and, by a dry build on PyTorch's meta device that
+    allocates nothing and loads no weights, every check the builder makes), the data spec
+    (present, readable, holding the splits and samples the run needs), the device, the
+    distributed settings for ``world_size`` ranks (default: the launcher's variables, else 1)
+    and the packages the W&B and DeepSpeed settings need. ``evaluating``: for ``l2w-eval``
+    (no training data needed). Raises ``ConfigError`` naming the key, the value and what is allowed.
+    """
+    if world_size is None:
+        world_size = _launch_world_size()
+    model = _check_model(cfg.model)
+    _check_input_size(cfg, model)
+    _check_data(cfg, world_size, evaluating)
+    _check_runtime(cfg, world_size, evaluating)
+
+
+def one_line(err: Exception) -> str:
+    """An error's message on one line (a command's config error is one line of stderr)."""
+    return " ".join(str(err).split())
+
+
+def _launch_world_size() -> int:
+    from .distributed.env import DistEnvError, read_launch_env
+
+    try:
+        return read_launch_env().world_size
+    except DistEnvError:
+        return 1  # init_distributed reports a broken launch environment itself
+
+
+def _check_model(model: ModelConfig) -> Any:
+    """The model's name and options; returns the model built on the meta device (None when
+    a builder needs an op the meta device lacks)."""
+    import inspect
+
+    import torch
+
+    from .models import create_model, list_models
+    from .models.registry import model_builder
+
+    if model.name not in list_models():
+        raise ConfigError(f"model.name={model.name!r} is not a registered model; choose one of {list_models()}")
+    builder = model_builder(model.name)
+    params = inspect.signature(builder).parameters
+    hints = typing.get_type_hints(builder)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in model.options.items():
+        if key not in params:
+            if takes_any:
+                continue  # passed on (to timm): the dry build below checks it
+            raise ConfigError(
+                f"model.options.{key}={value!r} is not an option of {model.name}; allowed: {', '.join(params)}"
+            )
+        hint = hints.get(key, Any)
+        if not _fits(value, hint):
+            raise ConfigError(
+                f"model.options.{key}={value!r} has the wrong type; {model.name} takes {key}: {_type_name(hint)}"
+            )
+    options = dict(model.options)
+    if options.get("pretrained"):
+        options["pretrained"] = False  # the real build loads the weights; the dry build checks the rest
+    try:
+        with torch.device("meta"):
+            return create_model(model.name, **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.options={model.options!r} refused by {model.name}: {one_line(err)}") from None
+    except Exception:  # noqa: BLE001 - not a bad option but an op the meta device lacks: the real build tells
+        return None
+
+
+def _check_input_size(cfg: Config, model: Any) -> None:
+    """One forward of the meta-device model on an image of the run's size (shapes only, no
+    arithmetic): a model that cannot take ``data.img_size`` fails here, not at the first step."""
+    import torch
+
+    from .data.transforms import dataset_info
+
+    if model is None:
+        return
+    size = cfg.data.img_size
+    try:
+        with torch.device("meta"), torch.no_grad():  # eval mode: BatchNorm needs no batch statistics
+            model.eval()(torch.empty(2, dataset_info(cfg.data.dataset).in_chans, size, size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise ConfigError(
+            f"data.img_size={size} does not fit model {cfg.model.name} (options {cfg.model.options!r}): {one_line(err)}"
+        ) from None
+    except Exception:  # noqa: BLE001 - an op the meta device lacks: the first real step tells
+        pass
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value can be given for a parameter annotated ``hint`` (loosely: an
+    annotation this does not know passes, the builder checks it)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
+
+
+def _check_data(cfg: Config, world_size: int, evaluating: bool) -> None:
+    from .data.loader import load_spec, split_count
+
+    data, train, ev = cfg.data, cfg.train, cfg.eval
+    # the evaluation calibrates on the held-out split (and epoch-end evaluations score it)
+    needs_holdout = data.calibration == "holdout" and (evaluating or ev.enabled)
+    if not data.spec:
+        if data.dataset != "fashion-mnist":
+            raise ConfigError(
+                f"data.spec='' with data.dataset={data.dataset!r}: set data.spec to the JSON sidecar written by "
+                "tools/make_shards.py (only fashion-mnist is prepared automatically)"
+            )
+        if not 0 <= data.holdout < FASHION_MNIST_TRAIN:
+            raise ConfigError(
+                f"data.holdout={data.holdout} is not allowed for the embedded fashion-mnist; "
+                f"expected an integer in 0..{FASHION_MNIST_TRAIN - 1}"
+            )
+        if needs_holdout and data.holdout == 0:
+            raise ConfigError(
+                "data.holdout=0 leaves no held-out images for data.calibration='holdout' (the evaluation "
+                "calibrates on them); set data.holdout >= 1 or data.calibration=train_augmented"
+            )
+        _check_writable("data.root", data.root)
+        counts = {"train": FASHION_MNIST_TRAIN - data.holdout, "holdout": data.holdout}
+        num_classes = 10
+    else:
+        path = Path(data.spec)
+        if not path.is_file():
+            raise ConfigError(
+                f"data.spec={data.spec!r} is not a file; expected the JSON sidecar written by tools/make_shards.py"
+            )
+        try:
+            side = load_spec(path)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(
+                f"data.spec={data.spec!r} is not a readable dataset sidecar (the JSON written by "
+                f"tools/make_shards.py): {one_line(err)}"
+            ) from None
+        wanted = ["test"] if evaluating or ev.enabled else []
+        if not evaluating or data.calibration == "train_augmented":  # which calibrates on training images
+            wanted.append("train")
+        if needs_holdout or (not evaluating and data.calibration == "train_augmented"):  # trained on too
+            wanted.append("holdout")
+        counts = {}
+        for split in wanted:
+            try:
+                counts[split] = split_count(side, split)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"data.spec={data.spec!r}: {err}") from None
+        num_classes = side.get("num_classes")
+    if not evaluating and counts.get("train") is not None:
+        available = counts["train"] + (counts.get("holdout") or 0) * (data.calibration == "train_augmented")
+        if available < train.batch_size:
+            raise ConfigError(
+                f"train.batch_size={train.batch_size} is more than the {available} training samples of the data"
+            )
+    declared = cfg.model.options.get("num_classes", _builder_default(cfg.model.name, "num_classes"))
+    if isinstance(num_classes, int) and isinstance(declared, int) and declared < num_classes:
+        raise ConfigError(
+            f"model.options.num_classes={declared} is fewer than the {num_classes} classes of the data "
+            f"(data.spec={data.spec!r}); expected an integer >= {num_classes}"
+        )
+
+
+def _builder_default(name: str, option: str) -> Any:
+    import inspect
+
+    from .models.registry import model_builder
+
+    param = inspect.signature(model_builder(name)).parameters.get(option)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _check_writable(key: str, folder: str) -> None:
+    """``folder`` exists as a writable folder, or can be made in its nearest existing parent."""
+    import os
+
+    path = Path(folder).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        where = "is not a writable folder" if probe == path else f"cannot be created ({probe} is not a writable folder)"
+        raise ConfigError(f"{key}={folder!r} {where}; expected a folder this process can write")
+
+
+def _check_runtime(cfg: Config, world_size: int, evaluating: bool) -> None:
+    import importlib.util
+
+    import torch
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA device is visible; expected auto or cpu here")
+    if evaluating:
+        return
+    dist = cfg.dist
+    per_rank = cfg.train.batch_size // world_size
+    if per_rank * world_size != cfg.train.batch_size or per_rank % 2:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} does not split into an even per-rank batch over "
+            f"{world_size} ranks; expected a multiple of {2 * world_size}"
+        )
+    if dist.zero_stage and dist.backend != "deepspeed":
+        raise ConfigError(
+            f"dist.zero_stage={dist.zero_stage} is a DeepSpeed setting; expected dist.backend=deepspeed "
+            f"(got {dist.backend!r}) or dist.zero_stage=0"
+        )
+    if dist.backend == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("dist.backend='deepspeed' but DeepSpeed is not installed; pip install deepspeed")
+        from .distributed.deepspeed import ZERO3_REFUSAL, ZERO_STAGES
+
+        if dist.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"dist.zero_stage={dist.zero_stage} is refused: {' '.join(ZERO3_REFUSAL.split())}")
+    if dist.backend in ("ddp", "deepspeed") and world_size == 1:
+        raise ConfigError(
+            f"dist.backend={dist.backend!r} needs several ranks (a process group); launch with torchrun or "
+            "srun, or use dist.backend=auto (none for one process)"
+        )
+    if cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r} but wandb is not installed; expected disabled")

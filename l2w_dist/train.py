@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, apply_overrides, load_config, save_config
+from .config import Config, ConfigError, apply_overrides, check_run, load_config, one_line, save_config
 
 
 def run_training(
@@ -70,10 +70,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="run folder (resumed if it holds a checkpoint)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.4")
     args = parser.parse_args(argv)
-    try:
-        load_config(args.config, args.overrides)  # validate before anything runs
+    try:  # every value, before any data preparation or model construction
+        check_run(load_config(args.config, args.overrides))
     except ConfigError as err:
-        parser.exit(2, f"l2w-train: config error: {err}\n")
+        parser.exit(2, f"l2w-train: config error: {one_line(err)}\n")
     result = run_training(args.config, args.output, args.overrides)
     if result["status"] != "finished":
         sys.exit(3)

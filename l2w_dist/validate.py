@@ -22,11 +22,13 @@ WEIGHTS = ("auto", "model", "ema")
 def checkpoint_weights(state: dict[str, Any], weights: str, checkpoint: str | Path) -> dict[str, Any]:
     """The state dict ``weights`` picks from a loaded checkpoint (``auto``: the EMA copy when
     the run kept one, as the trainer's final evaluation does)."""
+    from .config import ConfigError
+
     if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}; expected one of {WEIGHTS}")
+        raise ConfigError(f"weights={weights!r}; expected one of {WEIGHTS}")
     use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
     if use_ema and state.get("ema") is None:
-        raise ValueError(f"{checkpoint} holds no EMA weights (train.ema_decay was 0)")
+        raise ConfigError(f"--weights ema: {checkpoint} holds no EMA weights (train.ema_decay was 0)")
     return state["ema"] if use_ema else state["model"]
 
 
@@ -52,7 +54,7 @@ def evaluate_checkpoint(
     """Evaluate the weights of ``checkpoint`` (``auto``: the EMA copy when the run kept one)
     with its config and ``overrides``; eval.json and curve.png go into ``output`` and rank 0
     prints the anytime table. Returns the eval.json record."""
-    from .config import apply_overrides
+    from .config import apply_overrides, check_run
     from .data import resolve_data_spec
     from .distributed import cleanup, init_distributed
     from .engine.checkpoint import load_checkpoint
@@ -60,6 +62,7 @@ def evaluate_checkpoint(
 
     state = load_checkpoint(checkpoint)
     cfg = apply_overrides(state["config"], overrides)
+    check_run(cfg, evaluating=True)  # before the data or the model is touched
     weights_state = checkpoint_weights(state, weights, checkpoint)
     env = init_distributed()
     try:
@@ -92,7 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not checkpoint.is_file():
         parser.exit(2, f"l2w-eval: no checkpoint at {checkpoint}\n")
     output = Path(args.output) if args.output else checkpoint.parent.parent
-    evaluate_checkpoint(checkpoint, output, args.overrides, weights=args.weights)
+    from .config import ConfigError, one_line
+
+    try:
+        evaluate_checkpoint(checkpoint, output, args.overrides, weights=args.weights)
+    except ConfigError as err:  # raised before any work: a bad override, data spec or --weights
+        parser.exit(2, f"l2w-eval: config error: {one_line(err)}\n")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,17 @@ from tests.helpers.torchrun import REPO, run_torchrun
 pytestmark = pytest.mark.integration
 
 
-def torchrun(run_dir: Path, args: list[str]) -> str:
-    """``l2w_dist.train`` on configs/demo.yaml under torchrun, 2 ranks; returns its stdout."""
+def torchrun(run_dir: Path, args: list[str], count_dir: Path | None = None) -> str:
+    """``l2w_dist.train`` on configs/demo.yaml under torchrun, 2 ranks; returns its stdout.
+    ``count_dir``: through tests/dist_scripts/count_eval.py, which records there what each
+    rank's evaluation saw."""
     config = str(REPO / "configs" / "demo.yaml")
-    return run_torchrun(["-m", "l2w_dist.train", "--config", config, "--output", str(run_dir), *args])[0]
+    entry = (
+        [str(REPO / "tests" / "dist_scripts" / "count_eval.py"), str(count_dir)]
+        if count_dir
+        else ["-m", "l2w_dist.train"]
+    )
+    return run_torchrun([*entry, "--config", config, "--output", str(run_dir), *args])[0]
 
 
 def test_ddp_then_zero2_resume_and_evaluate(tmp_path):
@@ -30,7 +37,8 @@ def test_ddp_then_zero2_resume_and_evaluate(tmp_path):
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 3 and state["world_size"] == 2
 
-    out = torchrun(run_dir, [*common, "train.max_steps=6", "dist.backend=deepspeed", "dist.zero_stage=2"])
+    counts = tmp_path / "counts"
+    out = torchrun(run_dir, [*common, "train.max_steps=6", "dist.backend=deepspeed", "dist.zero_stage=2"], counts)
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 6
     assert state["config"]["dist"]["backend"] == "deepspeed"
@@ -38,6 +46,16 @@ def test_ddp_then_zero2_resume_and_evaluate(tmp_path):
     assert out.count("| exit | MFLOPs") == 1
     result = json.loads((run_dir / "eval.json").read_text())
     assert len(result["anytime"]) == 3 and len(result["budgeted"]) == 39
-    # The two ranks evaluated disjoint halves of the 64 test images: accuracies are multiples of 1/64.
-    for row in result["anytime"]:
+    # Each of the 64 held-out (calibration) and 64 test images was evaluated by exactly one
+    # rank, both ranks took part, and the gather gave every rank all of them, in rank order.
+    ranks = [json.loads((counts / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(calls) for calls in ranks] == [2, 2]  # calibration split, test split
+    for split in range(2):
+        first, second = ranks[0][split], ranks[1][split]
+        assert first["local"] and second["local"]
+        assert len(first["local"]) + len(second["local"]) == 64
+        assert len(set(first["local"]) | set(second["local"])) == 64  # disjoint, all distinct
+        together = first["local_labels"] + second["local_labels"]
+        assert first["gathered_labels"] == second["gathered_labels"] == together
+    for row in result["anytime"]:  # the accuracies count the 64 test images
         assert abs(row["top1"] * 64 / 100 - round(row["top1"] * 64 / 100)) < 1e-6

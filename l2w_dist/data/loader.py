@@ -98,14 +98,27 @@ def _split_urls(side: dict, split: str) -> tuple[list[str], list[int] | None, in
     return entry["urls"], counts, entry.get("count")
 
 
+def split_count(side: dict, split: str) -> int | None:
+    """The sample count of ``split`` of a loaded spec (None when the sidecar gives none), after
+    checking that its local shards exist and can be read: a run checks its data before any work."""
+    urls, counts, count = _split_urls(side, split)
+    for url in urls:
+        if not _is_remote(url) and not os.access(url, os.R_OK):
+            raise PermissionError(f"shard of split {split!r} cannot be read: {url}")
+    return count if count is not None else (sum(counts) if counts is not None else None)
+
+
 # ------------------------------------------------------------------ bad data
 class BadDataGuard:
-    """wds exception handler that skips a bad sample or shard with a warning, counts it, and
-    raises :class:`BadDataError` once ``bad > max_bad_fraction * max(seen, warmup)``.
+    """wds exception handler that skips bad data with a warning, counts the samples it cost,
+    and raises :class:`BadDataError` once ``lost > max_bad_fraction * max(read, warmup)``.
 
-    ``seen`` counts raw samples read from the tars (per DataLoader worker: the guard lives in
-    the worker that reads). ``warmup`` keeps the first few failures from stopping a run on a
-    fraction computed over a handful of samples.
+    A corrupt sample costs one; a damaged or unreadable shard costs every sample the sidecar
+    says it held and did not deliver (``ShardDamage.samples_lost``; without the sidecar's
+    per-shard counts, one per damaged stretch). ``seen`` counts the samples read from the
+    tars plus those lost unread (per DataLoader worker: the guard lives in the worker that
+    reads). ``warmup`` keeps the first few failures from stopping a run on a fraction
+    computed over a handful of samples.
     """
 
     FLUSH_EVERY = 256  # samples between updates of the shared totals (a shared-tensor add costs µs)
@@ -118,7 +131,7 @@ class BadDataGuard:
         self.max_bad_fraction, self.warmup, self.where = max_bad_fraction, warmup, where
         self.seen = 0
         self.bad = 0
-        self.totals = totals  # shared [seen, bad] across DataLoader workers (the loader's bad_data())
+        self.totals = totals  # shared [read, lost] across DataLoader workers (the loader's bad_data())
         self._unflushed_seen = 0
 
     def _flush(self, bad: int = 0) -> None:
@@ -138,12 +151,16 @@ class BadDataGuard:
             self._flush()
 
     def __call__(self, exn: Exception) -> bool:
-        self.bad += 1
-        self._flush(bad=1)
-        log.warning("%s: skipping bad data (%d bad / %d read): %s", self.where, self.bad, self.seen, exn)
+        lost = getattr(exn, "samples_lost", 1)
+        if getattr(exn, "unread", False):  # samples never read: part of the data the run went through
+            self.seen += lost
+            self._unflushed_seen += lost
+        self.bad += lost
+        self._flush(bad=lost)
+        log.warning("%s: skipping bad data (%d samples lost of %d): %s", self.where, self.bad, self.seen, exn)
         if self.bad > self.max_bad_fraction * max(self.seen, self.warmup):
             raise BadDataError(
-                f"{self.where}: {self.bad} bad samples/shards out of {self.seen} read exceeds "
+                f"{self.where}: {self.bad} samples lost out of {self.seen} exceeds "
                 f"max_bad_fraction={self.max_bad_fraction} (warmup {self.warmup}); last error: {exn!r}"
             ) from exn
         return True
@@ -288,7 +305,7 @@ class _Stream(IterableDataset):
     def __init__(self, **cfg: Any):
         super().__init__()
         self.cfg = cfg
-        # [samples read, bad samples/shards] over all workers and epochs: shared memory, so the
+        # [samples read, samples lost] over all workers and epochs: shared memory, so the
         # workers' guards (forked or spawned) add to the tensor the main process reads
         self.data_totals = torch.zeros(2, dtype=torch.int64).share_memory_()
 
@@ -326,7 +343,7 @@ class _Stream(IterableDataset):
         bs = c["batch_size"]
         pipe = wds.DataPipeline(
             source,
-            tar_samples(handler=guard),
+            tar_samples(handler=guard, expected=c["shard_counts"]),
             guard.count,
             *sample_filter,
             wds.shuffle(c["shuffle_buffer"], initial=c["shuffle_buffer"], rng=random.Random(seed)),
@@ -345,7 +362,7 @@ class _Stream(IterableDataset):
         guard = self._guard(worker)
         return wds.DataPipeline(
             wds.SimpleShardList([c["urls"][i] for i in mine]),
-            tar_samples(handler=guard),
+            tar_samples(handler=guard, expected=c["shard_counts"]),
             guard.count,
             *([_every(stride, offset)] if stride > 1 else []),
             *self._decode_stages(guard),
@@ -362,9 +379,10 @@ class _Loader:
         self.prefetch_factor = prefetch_factor
 
     def bad_data(self) -> tuple[int, int]:
-        """``(bad, read)``: bad samples/shards skipped and raw samples read by this rank's
-        loader, summed over its DataLoader workers and all epochs so far (a worker's count
-        arrives every 256 samples and when it stops)."""
+        """``(lost, read)``: samples lost to bad data (corrupt samples, and the samples a
+        damaged shard did not deliver) and samples this rank's loader went through (read, or
+        lost unread), summed over its DataLoader workers and all epochs so far (a worker's
+        count arrives every 256 samples and when it stops)."""
         seen, bad = self.stream.data_totals.tolist()
         return bad, seen
 
@@ -465,11 +483,13 @@ def build_train_loader(
     """
     _check_rank(rank, world_size, batch_size, num_workers)
     side = load_spec(spec)
-    urls, _counts, count = _split_urls(side, "train")
+    urls, counts, count = _split_urls(side, "train")
+    shard_counts = dict(zip(urls, counts)) if counts is not None else {}
     if include_holdout:
-        h_urls, _h, h_count = _split_urls(side, "holdout")
+        h_urls, h_counts, h_count = _split_urls(side, "holdout")
         urls = urls + h_urls
         count = None if count is None or h_count is None else count + h_count
+        shard_counts.update(zip(h_urls, h_counts) if h_counts is not None else {})
     if epoch_length is None:
         if not count:
             raise ValueError("the spec has no sample count for 'train'; pass epoch_length")
@@ -494,6 +514,7 @@ def build_train_loader(
         shuffle_buffer=shuffle_buffer,
         max_bad_fraction=max_bad_fraction,
         bad_warmup=bad_warmup,
+        shard_counts=shard_counts,
         epoch=0,
         start_batch=0,
     )
@@ -541,5 +562,6 @@ def build_eval_loader(
         normalize=normalize,
         max_bad_fraction=max_bad_fraction,
         bad_warmup=bad_warmup,
+        shard_counts=dict(zip(urls, counts)) if counts is not None else {},
     )
     return EvalLoader(stream, num_workers, pin_memory, num_samples)

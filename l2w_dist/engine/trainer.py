@@ -200,13 +200,13 @@ class TrainingJob:
         return "finished"
 
     def _log_bad_data(self) -> None:
-        """After an epoch's batches: the corrupt samples this rank's loader skipped (all workers;
-        each worker also warned per sample), as metrics and one line, once there are any."""
-        bad, read = self.train_loader.bad_data()
-        if bad:
-            self.logger.log({"data/bad": bad, "data/read": read}, self.step)
+        """After an epoch's batches: the samples this rank's loader lost to bad data (all
+        workers; each worker also warned per damage), as metrics and one line, once there are any."""
+        lost, read = self.train_loader.bad_data()
+        if lost:
+            self.logger.log({"data/lost": lost, "data/read": read}, self.step)
             print(
-                f"rank {self.env.rank}: {bad} bad samples/shards skipped of {read} read so far "
+                f"rank {self.env.rank}: {lost} samples lost to bad data of {read} so far "
                 f"(stops above data.max_bad_fraction={self.cfg.data.max_bad_fraction} per worker)",
                 flush=True,
             )

@@ -157,7 +157,7 @@ def launch(args: argparse.Namespace, preset: Preset) -> Submitted:
     axes = list(args.array) + ([f"train.seed={args.seeds}"] if args.seeds else [])
     array_sets = expand_array(axes)
     override_sets = [list(args.overrides) + extra for extra in array_sets]
-    configs = validate_configs(str(config), override_sets)
+    configs = validate_configs(str(config), override_sets, world_size=tasks * args.nodes)
     resolve_trainer(args.trainer)  # the jobs import it too; fail here rather than on every rank
     check_submitit()
 
@@ -318,8 +318,7 @@ def main(argv: Sequence[str] | None = None, preset: Preset = IMAGENET) -> int:
     try:
         submitted = launch(args, preset)
     except (LaunchError, submitit_internals.SubmititInternalsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        print("nothing was submitted", file=sys.stderr)
+        print(f"error: {err}; nothing was submitted", file=sys.stderr)
         return 2
     if submitted.cluster in ("local", "debug") or args.wait:
         results = wait_and_report(submitted)

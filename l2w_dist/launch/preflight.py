@@ -164,17 +164,20 @@ def check_slurm(partition: str | None, timeout_s: float = 15.0) -> str:
     return partition
 
 
-def validate_configs(config: str, override_sets: Sequence[Sequence[str]]) -> list[Any]:
-    """Load every run's config with the trainer's loader, so a bad key fails here, not on the cluster."""
-    from l2w_dist.config import load_config
+def validate_configs(config: str, override_sets: Sequence[Sequence[str]], world_size: int = 1) -> list[Any]:
+    """Load and check every run's config as ``l2w-train`` does (:func:`l2w_dist.config.check_run`
+    for ``world_size`` ranks), so a bad key or value fails here, not on the cluster."""
+    from l2w_dist.config import ConfigError, check_run, load_config, one_line
 
     configs = []
     for overrides in override_sets:
         try:
-            configs.append(load_config(config, list(overrides)))
-        except ValueError as err:
+            cfg = load_config(config, list(overrides))
+            check_run(cfg, world_size=world_size)
+        except ConfigError as err:
             where = f" (with overrides {' '.join(overrides)})" if overrides else ""
-            raise LaunchError(f"config error in {config}{where}: {err}") from err
+            raise LaunchError(f"config error in {config}{where}: {one_line(err)}") from err
+        configs.append(cfg)
     return configs
 
 

@@ -25,6 +25,13 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered as ``name`` (its signature lists the model's options)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered multi-exit model; keyword overrides replace its preset options.
 
