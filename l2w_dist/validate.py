@@ -7,11 +7,15 @@ can be overridden (``data.spec=...``) to evaluate on another copy of the data. T
 evaluation is the trainer's own (:func:`l2w_dist.evaluate.evaluate_run`): the same
 checkpoint and config give the same eval.json. Writes eval.json and curve.png into the
 run folder (or into ``--output``). Under torchrun or Slurm every rank runs this.
+
+SIGINT or SIGTERM ends it at once with 130 / 143 (eval.json is written whole at the end, or
+not at all); a truncated or corrupt checkpoint is refused in one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ def evaluate_checkpoint(
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}; expected one of {WEIGHTS}")
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, keys=("config", "model"))
     cfg = apply_overrides(state["config"], overrides)
     use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
     if use_ema and state.get("ema") is None:
@@ -77,7 +81,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not checkpoint.is_file():
         parser.exit(2, f"l2w-eval: no checkpoint at {checkpoint}\n")
     output = Path(args.output) if args.output else checkpoint.parent.parent
-    evaluate_checkpoint(checkpoint, output, args.overrides, weights=args.weights)
+    from .engine.checkpoint import CheckpointReadError
+    from .utils import SignalAbort, StopSignals
+
+    result = output / "eval.json"
+    before = result.stat().st_mtime_ns if result.exists() else None
+    try:
+        with StopSignals(interrupt=True):  # an evaluation keeps nothing worth saving: stop at once
+            evaluate_checkpoint(checkpoint, output, args.overrides, weights=args.weights)
+    except CheckpointReadError as err:
+        parser.exit(2, f"l2w-eval: {err}\n")
+    except SignalAbort as err:
+        written = result.exists() and result.stat().st_mtime_ns != before  # a signal while plotting
+        what = f"{result} was written (curve.png may not be)" if written else f"no new {result} was written"
+        message = f"stopped by {err.signal.name} before the evaluation finished; {what}"
+        parser.exit(err.exit_code, f"l2w-eval: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 if __name__ == "__main__":
