@@ -114,6 +114,8 @@ class TrainConfig(Settings):
     ema_decay: float = setting(0.0, in_range(0, 1))  # 0 disables the EMA of model weights
     log_every: int = setting(20, at_least(1))
     ckpt_every: int = setting(0, at_least(0))  # periodic checkpoint every N iterations (kept as step_N.pt); 0: off
+    # last.pt also every this many minutes of training (crash safety); 0: only at epoch ends and stops
+    ckpt_minutes: float = setting(15.0, at_least(0))
     keep_best: int = setting(1, at_least(0))  # best-k checkpoints by the final exit's held-out top-1 at epoch ends
     threads: int = setting(0, at_least(0))  # torch CPU threads; 0 leaves torch's default
 

@@ -7,11 +7,15 @@ can be overridden (``data.spec=...``) to evaluate on another copy of the data. T
 evaluation is the trainer's own (:func:`l2w_dist.evaluate.evaluate_run`): the same
 checkpoint and config give the same eval.json. Writes eval.json and curve.png into the
 run folder (or into ``--output``). Under torchrun or Slurm every rank runs this.
+
+SIGINT or SIGTERM ends it at once with 130 / 143 (eval.json is written whole at the end, or
+not at all); a truncated or corrupt checkpoint is refused in one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +64,7 @@ def evaluate_checkpoint(
     from .engine.checkpoint import load_checkpoint
     from .evaluate import evaluate_run, print_anytime_table
 
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, keys=("config", "model"))
     cfg = apply_overrides(state["config"], overrides)
     check_run(cfg, evaluating=True)  # before the data or the model is touched
     weights_state = checkpoint_weights(state, weights, checkpoint)
@@ -96,11 +100,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"l2w-eval: no checkpoint at {checkpoint}\n")
     output = Path(args.output) if args.output else checkpoint.parent.parent
     from .config import ConfigError, one_line
+    from .engine.checkpoint import CheckpointReadError
+    from .utils import SignalAbort, StopSignals
 
+    result = output / "eval.json"
+    before = result.stat().st_mtime_ns if result.exists() else None
     try:
-        evaluate_checkpoint(checkpoint, output, args.overrides, weights=args.weights)
+        with StopSignals(interrupt=True):  # an evaluation keeps nothing worth saving: stop at once
+            evaluate_checkpoint(checkpoint, output, args.overrides, weights=args.weights)
     except ConfigError as err:  # raised before any work: a bad override, data spec or --weights
         parser.exit(2, f"l2w-eval: config error: {one_line(err)}\n")
+    except CheckpointReadError as err:
+        parser.exit(2, f"l2w-eval: {err}\n")
+    except SignalAbort as err:
+        written = result.exists() and result.stat().st_mtime_ns != before  # a signal while plotting
+        what = f"{result} was written (curve.png may not be)" if written else f"no new {result} was written"
+        message = f"stopped by {err.signal.name} before the evaluation finished; {what}"
+        parser.exit(err.exit_code, f"l2w-eval: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 if __name__ == "__main__":

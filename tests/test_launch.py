@@ -16,7 +16,7 @@ import torch
 from l2w_dist.launch import (
     IMAGENET,
     LaunchError,
-    StopSignals,
+    SlurmStopSignals,
     build_parser,
     expand_array,
     launch,
@@ -216,7 +216,7 @@ def test_config_error_names_the_key_and_submits_nothing(tmp_path, tiny_config):
 
 
 def test_stop_signals_only_set_a_flag():
-    stop = StopSignals()
+    stop = SlurmStopSignals()
     before = signal.getsignal(signal.SIGUSR2)
     stop.install()
     try:

@@ -7,6 +7,8 @@ one rank and the collectives return their input.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,11 +29,16 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
 
     ``device``: where the one-number all-reduce runs (NCCL needs a CUDA tensor).
     """
+    return any_rank_each([flag], device)[0]
+
+
+def any_rank_each(flags: Sequence[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """:func:`any_rank` for several flags in one all-reduce (collective: call on all ranks)."""
     if world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def parameter_names(module: nn.Module) -> dict[int, str]:

@@ -1,32 +1,158 @@
-"""Checkpoints that survive crashes: written atomically, read with ``weights_only=True``.
+"""Checkpoints that survive crashes: written atomically, read with ``weights_only=True``,
+checked before a run resumes from them.
 
 A checkpoint is one ``torch.save`` of plain data (tensors, numbers, strings, lists, dicts),
 so it loads with ``weights_only=True``. It is first written to a temporary file in the same
 folder, flushed to disk, then renamed over the target: a kill at any moment leaves either
-the previous file or the new one, never a torn one.
+the previous file or the new one, never a torn one. A failed write (a full or read-only
+disk) leaves the previous file too, and says so in one line (:class:`CheckpointWriteError`);
+a file that does not load says what it is (:class:`CheckpointReadError`).
 """
 
 from __future__ import annotations
 
+import errno
 import random
+import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 from ..utils import atomic_write
 
+# Config keys a run may change when it resumes: none of them changes what a training step
+# computes (docs/reliability.md, "Resume"). Any other change is refused.
+RESUME_MAY_CHANGE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.ckpt_minutes",
+    "train.keep_best",
+    "train.threads",
+    "data.spec",
+    "data.root",
+    "data.eval_batch_size",
+    "data.max_bad_fraction",
+    "dist.backend",
+    "dist.zero_stage",
+    "eval.",
+    "wandb.",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read, written or resumed from; the message is one line."""
+
+
+class CheckpointReadError(CheckpointError):
+    """A file is missing, truncated, corrupt or not a checkpoint of this package."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, read-only, permissions); the previous file is intact."""
+
+
+class ResumeMismatchError(CheckpointError):
+    """The run's config differs from its checkpoint's in a key that changes the training."""
+
+
+class _KeepWriteError:
+    """A write-only file that remembers what its writes raised (an OSError, or a signal's
+    KeyboardInterrupt): torch.save's writer reports either only as "unexpected pos"."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f: IO[bytes] = f
+        self.error: BaseException | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except BaseException as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically and durably (:func:`~l2w_dist.utils.atomic_write`)."""
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+    """``torch.save`` to ``path`` atomically and durably (:func:`~l2w_dist.utils.atomic_write`).
+
+    Raises :class:`CheckpointWriteError` when the file cannot be written; ``path`` is then
+    as it was and no temporary file is left.
+    """
+    path = Path(path)
+    sink = None
+    try:
+        with atomic_write(path, "wb") as f:
+            sink = _KeepWriteError(f)
+            torch.save(obj, sink)
+    except (OSError, RuntimeError) as err:
+        cause = sink.error if sink is not None and sink.error is not None else err
+        if not isinstance(cause, OSError):
+            if cause is err:
+                raise
+            raise cause from None
+        kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+        reason = cause.strerror or str(cause)
+        code = f" ({errno.errorcode[cause.errno]})" if cause.errno in errno.errorcode else ""
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {reason}{code}; {kept}") from cause
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_atomic` (``weights_only=True``: no code runs)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_atomic` (``weights_only=True``: no code runs).
+
+    Raises :class:`CheckpointReadError` (one line: the file and what is wrong with it) when
+    the file is missing, truncated or corrupt, or lacks one of ``keys``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip, pickle and storage errors alike: the file is unusable
+        reason = " ".join(str(err).split()).split(". ")[0][:160] or type(err).__name__  # torch's first sentence
+        raise CheckpointReadError(
+            f"{path} is not a readable checkpoint ({path.stat().st_size} bytes; truncated or corrupt: {reason})"
+        ) from err
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointReadError(f"{path} is not a checkpoint written by l2w-train (it has no {', '.join(missing)})")
+    return state
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: old → new"`` for every config key that differs between a checkpoint's config
+    and the run's, except those in :data:`RESUME_MAY_CHANGE`."""
+    old, new = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE):
+            continue
+        if old.get(key, _UNSET) != new.get(key, _UNSET):
+            changes.append(f"{key}: {_show(old.get(key, _UNSET))} → {_show(new.get(key, _UNSET))}")
+    return changes
+
+
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _UNSET else repr(value)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # an empty section adds no key
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,12 +203,49 @@ class CheckpointManager:
     def last(self) -> Path:
         return self.folder / "last.pt"
 
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any], str] | None:
+        """The state to resume from: ``(path, state, note)``, or None when there is no last.pt.
+
+        last.pt if it loads; else the newest periodic ``step_N.pt`` that does, with ``note``
+        (one line) saying so. Raises :class:`CheckpointReadError` when none loads.
+        """
+        if not self.last.is_file():
+            return None
+        try:
+            return self.last, load_checkpoint(self.last, map_location, keys=_RESUME_KEYS), ""
+        except CheckpointReadError as err:
+            broken = str(err)
+        periodic = sorted(self.folder.glob("step_*.pt"), key=_step_of, reverse=True)
+        for path in periodic:
+            try:
+                state = load_checkpoint(path, map_location, keys=_RESUME_KEYS)
+            except CheckpointReadError:
+                continue
+            return path, state, f"{broken}; resuming from the newest good periodic checkpoint {path.name} instead"
+        tried = (
+            f"none of the {len(periodic)} periodic checkpoints loads either"
+            if periodic
+            else "there is no periodic checkpoint (train.ckpt_every)"
+        )
+        raise CheckpointReadError(
+            f"{broken}; {tried}: refusing to resume. Restore a good last.pt, or move {self.folder} away to start over"
+        )
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete the temporary files of writes that a kill interrupted (rank 0, before it writes)."""
+        stale = sorted(self.folder.glob(".*.pt.*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return [p.name for p in stale]
+
     def save_last(self, state: dict[str, Any]) -> None:
-        state = {**state, "best": [list(b) for b in self.best]}
-        save_atomic(state, self.last)
+        save_atomic(self._with_best(state), self.last)
 
     def save_periodic(self, state: dict[str, Any], step: int) -> None:
-        save_atomic(state, self.folder / f"step_{step}.pt")
+        save_atomic(self._with_best(state), self.folder / f"step_{step}.pt")  # a full state: resumable too
+
+    def _with_best(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {**state, "best": [list(b) for b in self.best]}
 
     def consider_best(self, state: dict[str, Any], score: float, step: int) -> bool:
         """Keep ``state`` as one of the best ``keep_best`` checkpoints; True if it was kept."""
@@ -100,6 +263,14 @@ class CheckpointManager:
 
     def restore_best(self, entries: list[list[Any]]) -> None:
         self.best = [(float(score), str(name)) for score, name in entries]
+
+
+_RESUME_KEYS = ("model", "optimizer", "step", "config", "rng")
+
+
+def _step_of(path: Path) -> int:
+    match = re.fullmatch(r"step_(\d+)\.pt", path.name)
+    return int(match.group(1)) if match else -1
 
 
 def _tuples_to_lists(obj: Any) -> Any:

@@ -29,13 +29,20 @@ from ..data import (
     resolve_data_spec,
 )
 from ..distributed import DistEnv, build_backend
-from ..distributed.utils import any_rank
+from ..distributed.utils import any_rank, any_rank_each
 from ..evaluate import anytime, collect_logits, evaluate_run
 from ..meta import WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
 from ..meta.update import DeviceHyperparameters
 from ..models import create_model
 from ..utils import autocast
-from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (
+    CheckpointManager,
+    CheckpointWriteError,
+    ResumeMismatchError,
+    resume_changes,
+    rng_state,
+    set_rng_state,
+)
 from .cuda_graph import GraphedIteration, check_cuda_graph
 from .logging import RunLogger, to_host
 
@@ -54,6 +61,10 @@ class TrainingJob:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = env.device
+        # The checkpoint to resume from, read and checked first: a bad or incompatible one is
+        # refused before any data preparation or model construction.
+        self.ckpt = CheckpointManager(run_dir / "checkpoints", keep_best=tc.keep_best)
+        self._resume_from = self._resume_candidate()
         torch.manual_seed(tc.seed)  # same initial weights on every rank
 
         # Model, weight net, optimizers. -------------------------------------------------
@@ -130,7 +141,8 @@ class TrainingJob:
 
         # State, checkpoints, logging. -----------------------------------------------------
         self.step = 0
-        self.ckpt = CheckpointManager(run_dir / "checkpoints", keep_best=tc.keep_best)
+        self.epoch_end_pending = False  # stopped at an epoch end before its evaluation and checkpoint
+        self._last_save = time.monotonic()
         resume_id = self._maybe_resume()
         self.logger = RunLogger(run_dir, rank=env.rank, wandb_cfg=cfg.wandb, config=cfg.to_dict(), resume_id=resume_id)
         if self.logger.url and env.rank == 0:
@@ -146,7 +158,11 @@ class TrainingJob:
 
     # ------------------------------------------------------------------------------------
     def fit(self, stop_requested: Callable[[], bool] | None = None) -> str:
-        """Train until ``stop_step``; returns "finished" or "preempted"."""
+        """Train until ``stop_step``; returns "finished" or "preempted".
+
+        ``stop_requested`` is polled at every iteration boundary (and before each epoch), on
+        every rank: when it is True on any rank, every rank stops there and last.pt is written.
+        """
         bar = tqdm(
             total=self.stop_step,
             initial=self.step,
@@ -156,7 +172,12 @@ class TrainingJob:
             unit="it",
         )
         tic, seen = time.perf_counter(), 0
+        self._last_save = time.monotonic()
+        if self.epoch_end_pending:  # resumed where a stop came before the epoch-end work: do it now
+            self._end_epoch()
         while self.step < self.stop_step:
+            if self._poll(stop_requested):  # a stop during data preparation or epoch-end work
+                return self._preempt(bar)
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             self.train_loader.set_epoch(epoch, start_batch=offset)  # resume mid-epoch exactly
             for x, y in self.train_loader:
@@ -179,25 +200,52 @@ class TrainingJob:
                 bar.update(1)
                 if self.cfg.train.ckpt_every and self.step % self.cfg.train.ckpt_every == 0:
                     self.save(periodic=True)
-                if self.step >= self.stop_step or self.step % self.steps_per_epoch == 0:
+                self.epoch_end_pending = self.step % self.steps_per_epoch == 0
+                # before the epoch-end work, so a preemption warning's grace is not spent evaluating
+                if self._poll(stop_requested):
+                    return self._preempt(bar)
+                if self.step >= self.stop_step or self.epoch_end_pending:
                     break
-                # any rank's request stops every rank at this iteration, so all checkpoint together
-                if stop_requested is not None and any_rank(stop_requested(), self.device):
-                    self.save()
-                    bar.close()
-                    return "preempted"
-            self._log_bad_data()
-            self._raise_if_nonfinite()
-            if (
-                self.step % self.steps_per_epoch == 0
-                and self.cfg.eval.enabled
-                and self.cfg.eval.every_epochs
-                and (self.step // self.steps_per_epoch) % self.cfg.eval.every_epochs == 0
-            ):
-                self.epoch_eval()
+            self._end_epoch()
         bar.close()
         self.save()
         return "finished"
+
+    def _poll(self, stop_requested: Callable[[], bool] | None) -> bool:
+        """At an iteration boundary, on every rank: True when any rank was asked to stop. Also
+        writes last.pt once ``train.ckpt_minutes`` have passed on any rank's clock (one
+        all-reduce for both, so every rank makes the same choice)."""
+        minutes = self.cfg.train.ckpt_minutes
+        if stop_requested is None and not minutes:
+            return False
+        due = bool(minutes) and time.monotonic() - self._last_save >= 60 * minutes
+        stop, due = any_rank_each([stop_requested is not None and stop_requested(), due], self.device)
+        if due and not stop:
+            self.save()
+        return stop
+
+    def _preempt(self, bar: tqdm) -> str:
+        self.save()
+        bar.close()
+        return "preempted"
+
+    def _end_epoch(self) -> None:
+        """After an epoch's batches (or the run's last batch): the bad-data report; at an epoch
+        end also the held-out evaluation (best-k) and last.pt, so a crash loses at most one epoch
+        (less with ``train.ckpt_minutes``)."""
+        self._log_bad_data()
+        self._raise_if_nonfinite()
+        at_end = self.step % self.steps_per_epoch == 0
+        if (
+            at_end
+            and self.cfg.eval.enabled
+            and self.cfg.eval.every_epochs
+            and (self.step // self.steps_per_epoch) % self.cfg.eval.every_epochs == 0
+        ):
+            self.epoch_eval()
+        self.epoch_end_pending = False
+        if at_end and self.step < self.stop_step:  # the run's end has its own final save
+            self.save()
 
     def _log_bad_data(self) -> None:
         """After an epoch's batches: the samples this rank's loader lost to bad data (all
@@ -296,15 +344,16 @@ class TrainingJob:
 
     def epoch_eval(self) -> None:
         """Held-out anytime accuracy at an epoch end; keeps the best-k checkpoints by the last exit."""
+        rng = rng_state()  # evaluation leaves the training's random streams as they were
         model = self.eval_module()
         model = torch.compile(model) if self.cfg.train.compile else model
         loader = eval_loader(self.cfg, self.env, self.data_spec, "holdout")
         logits, labels = collect_logits(model, loader, self.device, self.cfg.train.precision)
         rows = anytime(logits, labels, self.exit_flops)
         self.logger.log({f"holdout/top1_exit{r['exit']}": r["top1"] for r in rows}, self.step)
+        set_rng_state(rng)
         state = self.state_dict()  # on every rank: gathering a sharded optimizer state is collective
-        if self.env.rank == 0:
-            self.ckpt.consider_best(state, rows[-1]["top1"], self.step)
+        self._rank0_writes(lambda: self.ckpt.consider_best(state, rows[-1]["top1"], self.step))
 
     def evaluate(self) -> dict[str, Any]:
         """The run's final evaluation (:func:`~l2w_dist.evaluate.evaluate_run`, as l2w-eval does
@@ -328,6 +377,7 @@ class TrainingJob:
             "step": self.step,
             "data_position": {"epoch": self.step // self.steps_per_epoch, "batch": self.step % self.steps_per_epoch},
             "world_size": self.env.world_size,
+            "epoch_end_pending": self.epoch_end_pending,
             "wandb_id": getattr(self, "logger", None) and self.logger.run_id,
             "exit_flops": list(self.exit_flops),
             "config": self.cfg.to_dict(),
@@ -336,20 +386,60 @@ class TrainingJob:
     def save(self, periodic: bool = False) -> None:
         self._raise_if_nonfinite()  # a NaN state is never saved
         state = self.state_dict()  # collective for sharded optimizers: every rank takes part
-        if self.env.rank == 0:
+
+        def write() -> None:
             self.ckpt.save_last(state)
             if periodic:
                 self.ckpt.save_periodic(state, self.step)
 
-    def _maybe_resume(self) -> str | None:
-        if not self.ckpt.last.is_file():
+        self._rank0_writes(write)
+        self._last_save = time.monotonic()
+
+    def _rank0_writes(self, write: Callable[[], Any]) -> None:
+        """``write()`` on rank 0. A failed write (:class:`CheckpointWriteError`: what and why, the
+        previous file intact) stops every rank here, rather than leaving them in a collective."""
+        error = None
+        if self.env.rank == 0:
+            try:
+                write()
+            except CheckpointWriteError as err:
+                error = err
+        if any_rank(error is not None, self.device):
+            raise error or CheckpointWriteError("rank 0 could not write a checkpoint (its error says why)")
+
+    def _resume_candidate(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from (None: a fresh run): last.pt, or the newest good periodic
+        one if last.pt does not load; refused when its config differs in a key that changes the
+        training (:data:`~l2w_dist.engine.checkpoint.RESUME_MAY_CHANGE` lists those that may change)."""
+        found = self.ckpt.load_latest(map_location=self.device)
+        if found is None:
             return None
-        state = load_checkpoint(self.ckpt.last, map_location=self.device)
-        if state["world_size"] != self.env.world_size and self.cfg.dist.zero_stage:
-            raise ValueError(
-                f"{self.ckpt.last} was written by {state['world_size']} ranks; ZeRO state cannot be "
-                f"resumed on {self.env.world_size}"
+        path, state, note = found
+        changes = resume_changes(state["config"], self.cfg.to_dict())
+        old_world, world = int(state["world_size"]), self.env.world_size
+        if old_world != world and (self.cfg.dist.zero_stage or state["config"].get("dist", {}).get("zero_stage")):
+            changes.append(f"world size: {old_world} → {world} (ZeRO state is sharded over the ranks)")
+        if changes:
+            raise ResumeMismatchError(
+                f"cannot resume {path}: {'; '.join(changes)}. These change the training (docs/reliability.md "
+                "lists what may change); use the checkpoint's values or another --output"
             )
+        if self.env.rank == 0:
+            if note:
+                print(note, flush=True)
+            if old_world != world:
+                print(
+                    f"{path} was written by {old_world} ranks; on {world} the data order differs from here", flush=True
+                )
+        return path, state
+
+    def _maybe_resume(self) -> str | None:
+        if self._resume_from is None:
+            return None
+        path, state = self._resume_from
+        self._resume_from = None  # the tensors are copied into the model and optimizers below
+        if self.env.rank == 0:
+            self.ckpt.remove_stale_temporaries()  # a kill during a write leaves its temporary file
         self.backend.module.load_state_dict(state["model"])
         self.weight_net.load_state_dict(state["weight_net"])
         self.backend.load_optimizer_state_dict(state["optimizer"])
@@ -361,8 +451,9 @@ class TrainingJob:
         set_rng_state(state["rng"])
         self.ckpt.restore_best(state.get("best", []))
         self.step = int(state["step"])
+        self.epoch_end_pending = bool(state.get("epoch_end_pending", False))
         if self.env.rank == 0:
-            print(f"resumed from {self.ckpt.last} at step {self.step}", flush=True)
+            print(f"resumed from {path} at step {self.step}", flush=True)
         return state.get("wandb_id")
 
     # Helpers -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ The modules, by where their code runs (docs/slurm.md describes the behaviour):
 - :mod:`~l2w_dist.launch.preflight`: the checks before anything is submitted (options, time
   limits, arrays, configs, the Slurm controller and partition); they raise :class:`LaunchError`;
 - :mod:`~l2w_dist.launch.task`: what runs on every Slurm task (:class:`TrainingRun`,
-  :class:`StopSignals`, :class:`RequeueLog`): the rank environment, the trainer, and
+  :class:`SlurmStopSignals`, :class:`RequeueLog`): the rank environment, the trainer, and
   checkpoint-then-requeue after a preemption or time-limit warning;
 - :mod:`~l2w_dist.launch.submitit_internals`: the one place that reads private submitit
   attributes, with the submitit versions it was written for.
@@ -30,7 +30,14 @@ from l2w_dist.launch.cli import (
     wait_and_report,
 )
 from l2w_dist.launch.preflight import CLUSTERS, LaunchError, check_slurm, expand_array, parse_time, validate_configs
-from l2w_dist.launch.task import DEFAULT_TRAINER, REQUEUE_LOG, RequeueLog, StopSignals, TrainingRun, resolve_trainer
+from l2w_dist.launch.task import (
+    DEFAULT_TRAINER,
+    REQUEUE_LOG,
+    RequeueLog,
+    SlurmStopSignals,
+    TrainingRun,
+    resolve_trainer,
+)
 
 __all__ = [
     "CIFAR",
@@ -41,7 +48,7 @@ __all__ = [
     "Preset",
     "REQUEUE_LOG",
     "RequeueLog",
-    "StopSignals",
+    "SlurmStopSignals",
     "Submitted",
     "TrainingRun",
     "build_parser",

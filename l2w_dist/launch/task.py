@@ -9,7 +9,7 @@ the time limit) calls ``checkpoint()``, requeues the job and exits *from inside 
 handler*, i.e. in the middle of whatever the process was doing — a forward pass, an
 all-reduce, or a checkpoint write — and only on rank 0. Saving the training state there
 would not be consistent, so TrainingRun replaces that handler, for USR2 and SIGTERM, with
-one that only records the signal (:class:`StopSignals`). The trainer polls the record at
+one that only records the signal (:class:`SlurmStopSignals`, on l2w-train's mechanism). The trainer polls the record at
 iteration boundaries (``stop_requested``); when any rank has seen a signal all ranks agree,
 rank 0 writes a checkpoint, and the trainer returns ``{"status": "preempted"}``. Only then
 does rank 0 do what submitit's handler would have done: store ``checkpoint()``'s
@@ -37,39 +37,24 @@ import submitit
 
 from l2w_dist.launch import submitit_internals
 from l2w_dist.launch.preflight import LaunchError
-from l2w_dist.utils import atomic_write_json
+from l2w_dist.utils import StopSignals, atomic_write_json
 
 DEFAULT_TRAINER = "l2w_dist.train:run_training"
 REQUEUE_LOG = "requeues.json"
 
 
-class StopSignals:
-    """Records preemption/time-limit signals; the trainer polls it at iteration boundaries.
+class SlurmStopSignals(StopSignals):
+    """The Slurm task's stop signals, on the same mechanism as l2w-train's (:class:`StopSignals`).
 
     USR2 (submitit's warning signal, ``--signal=USR2@delay``) means "checkpoint and requeue
     yourself". SIGTERM means Slurm is ending the job now (``scontrol requeue``, preemption,
     ``scancel``): checkpoint within KillWait / GraceTime and exit; Slurm requeues (or not).
-    The handler does nothing else: no I/O, no collectives, so it is safe at any point.
+    The handler only records the signal (no I/O, no collectives), so it is safe at any point;
+    a repeated signal never aborts (Slurm may send SIGTERM more than once).
     """
 
     def __init__(self) -> None:
-        self.received: list[str] = []
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (submitit_internals.usr_signal(), signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received.append(signal.Signals(signum).name)
-
-    def __call__(self) -> bool:
-        return bool(self.received)
+        super().__init__((submitit_internals.usr_signal(), signal.SIGTERM), abort_on_repeat=())
 
     @property
     def requeue_requested(self) -> bool:
@@ -135,7 +120,7 @@ class TrainingRun(submitit.helpers.Checkpointable):
             flush=True,
         )
 
-        stop = StopSignals()
+        stop = SlurmStopSignals()
         stop.install()
         try:
             run_training = resolve_trainer(self.trainer)
@@ -166,7 +151,7 @@ class TrainingRun(submitit.helpers.Checkpointable):
         return self._after_preemption(env, rank, stop, result, log)
 
     def _after_preemption(
-        self, env: submitit.JobEnvironment, rank: int, stop: StopSignals, result: dict, log: RequeueLog
+        self, env: submitit.JobEnvironment, rank: int, stop: SlurmStopSignals, result: dict, log: RequeueLog
     ) -> dict:
         """All ranks stopped at the same iteration and the checkpoint is written: requeue or exit."""
         step = result.get("step")

@@ -2,5 +2,6 @@
 
 from .atomic import atomic_write, atomic_write_json
 from .precision import autocast
+from .signals import SignalAbort, StopSignals
 
-__all__ = ["atomic_write", "atomic_write_json", "autocast"]
+__all__ = ["SignalAbort", "StopSignals", "atomic_write", "atomic_write_json", "autocast"]
