@@ -32,6 +32,7 @@ def evaluate_checkpoint(
     from .distributed import cleanup, init_distributed
     from .engine.checkpoint import load_checkpoint
     from .evaluate import evaluate_run, print_anytime_table
+    from .meta import WeightNet
     from .models import create_model
 
     if weights not in WEIGHTS:
@@ -49,7 +50,12 @@ def evaluate_checkpoint(
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.load_state_dict(state["ema"] if use_ema else state["model"])
-        result = evaluate_run(model, cfg, env, resolve_data_spec(cfg, env), Path(output))
+        weight_net = None
+        if cfg.meta.enabled:  # what it learned goes into eval.json and weights.png
+            meta = cfg.meta
+            weight_net = WeightNet(model.num_exits, hidden=meta.hidden, layers=meta.layers, input=meta.input)
+            weight_net.load_state_dict(state["weight_net"])
+        result = evaluate_run(model, cfg, env, resolve_data_spec(cfg, env), Path(output), weight_net)
         if env.rank == 0:
             print_anytime_table(result)
         return result

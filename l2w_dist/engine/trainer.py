@@ -31,7 +31,8 @@ from ..data import (
 from ..distributed import DistEnv, build_backend
 from ..distributed.utils import any_rank
 from ..evaluate import anytime, collect_logits, evaluate_run
-from ..meta import WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
+from ..evaluate.weights import held_out_weights
+from ..meta import WeightNet, l2w_iteration
 from ..models import create_model
 from ..utils import autocast
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
@@ -244,9 +245,7 @@ class TrainingJob:
         with self._autocast():
             logits = module(x)
         module.train(was_training)
-        ce = per_sample_ce(logits, y)
-        features = wpn_features(ce, max_confidence(logits), self.cfg.meta.input)
-        return normalize_weights(self.weight_net(features.float()), self.cfg.meta.epsilon, self.cfg.meta.constraint)
+        return held_out_weights(self.weight_net, [z.float() for z in logits], y, self.l2w_cfg)
 
     # Evaluation ---------------------------------------------------------------------------
     def eval_module(self) -> torch.nn.Module:
@@ -268,9 +267,9 @@ class TrainingJob:
     def evaluate(self) -> dict[str, Any]:
         """The run's final evaluation (:func:`~l2w_dist.evaluate.evaluate_run`, as l2w-eval does
         it), written to the run folder and logged."""
-        result = evaluate_run(self.eval_module(), self.cfg, self.env, self.data_spec, self.run_dir)
+        result = evaluate_run(self.eval_module(), self.cfg, self.env, self.data_spec, self.run_dir, self.weight_net)
         if self.env.rank == 0:
-            self.logger.log_eval(result, self.step)
+            self.logger.log_eval(result, self.step, self.run_dir / "weights.png")
         return result
 
     # Checkpoints ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from ..utils import atomic_write_json
 
 ANYTIME_KEYS = ("exit", "flops", "top1", "top5")
 BUDGETED_KEYS = ("p", "flops", "top1")
+OPTIONAL_SECTIONS = ("weights",)  # written when present: an L2W run's weights vs difficulty (weights.py)
 
 
 def _rows(rows: Iterable[dict], keys: tuple[str, ...], what: str) -> list[dict]:
@@ -23,8 +24,11 @@ def _rows(rows: Iterable[dict], keys: tuple[str, ...], what: str) -> list[dict]:
     return out
 
 
-def write_eval_json(path: str | os.PathLike, anytime: Sequence[dict], budgeted: Sequence[dict]) -> Path:
-    """Write ``{"anytime": [{exit, flops, top1, top5}], "budgeted": [{p, flops, top1}]}`` atomically.
+def write_eval_json(
+    path: str | os.PathLike, anytime: Sequence[dict], budgeted: Sequence[dict], weights: dict | None = None
+) -> Path:
+    """Write ``{"anytime": [{exit, flops, top1, top5}], "budgeted": [{p, flops, top1}]}`` atomically
+    (plus ``"weights"``, the :mod:`.weights` record, when given).
 
     Only the schema's keys are written (extra keys in the rows are dropped), so readers can
     rely on the exact shape. Written to a temporary file in the same folder, flushed and
@@ -35,6 +39,8 @@ def write_eval_json(path: str | os.PathLike, anytime: Sequence[dict], budgeted: 
         "anytime": _rows(anytime, ANYTIME_KEYS, "anytime"),
         "budgeted": _rows(budgeted, BUDGETED_KEYS, "budgeted"),
     }
+    if weights is not None:
+        record["weights"] = weights
     atomic_write_json(path, record)
     return path
 
@@ -48,12 +54,15 @@ def load_eval_json(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"no eval.json at {path}")
     with open(path) as f:
         record = json.load(f)
-    if not isinstance(record, dict) or set(record) != {"anytime", "budgeted"}:
+    allowed = {"anytime", "budgeted", *OPTIONAL_SECTIONS}
+    if not isinstance(record, dict) or not {"anytime", "budgeted"} <= set(record) <= allowed:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}: expected keys ['anytime', 'budgeted']; got {keys}")
+        optional = list(OPTIONAL_SECTIONS)
+        raise ValueError(f"{path}: expected keys ['anytime', 'budgeted'] (optionally {optional}); got {keys}")
     return {
         "anytime": _rows(record["anytime"], ANYTIME_KEYS, f"{path}: anytime"),
         "budgeted": _rows(record["budgeted"], BUDGETED_KEYS, f"{path}: budgeted"),
+        **{k: record[k] for k in OPTIONAL_SECTIONS if k in record},
     }
 
 
