@@ -99,3 +99,55 @@ def test_quickstart_demo_without_apt_get_trains_the_demo(tmp_path):
 def test_quickstart_rejects_an_unknown_mode(tmp_path):
     res = subprocess.run([shutil.which("bash"), str(SCRIPT), "deploy"], capture_output=True, text=True)
     assert res.returncode == 2 and "usage: bash tools/quickstart.sh" in res.stderr
+
+
+def fake_run(folder: Path, seed: int, top1: list[float], rho: list[float] | None) -> Path:
+    """A run folder as l2w-train leaves it, for the README generator: config.yaml and eval.json."""
+    import yaml
+
+    from l2w_dist.evaluate import write_eval_json
+
+    folder.mkdir(parents=True)
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["train"]["seed"] = seed
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    anytime = [{"exit": k + 1, "flops": 3e6 * (k + 1), "top1": t, "top5": 99.0} for k, t in enumerate(top1)]
+    budgeted = [{"p": i / 20, "flops": 3e6 + i * 1e5, "top1": top1[0] + i * 0.01} for i in range(1, 40)]
+    weights = None
+    if rho is not None:
+        exits = [
+            {"exit": k + 1, "spearman": r, "easy_mean": 1 - r / 10, "hard_mean": 1 + r / 10} for k, r in enumerate(rho)
+        ]
+        exits = [{**e, "quintile_means": [1.0] * 5} for e in exits]
+        weights = {"split": "calibration", "samples": 5000, "difficulty": "d", "exits": exits}
+    write_eval_json(folder / "eval.json", anytime, budgeted, weights=weights)
+    return folder
+
+
+def test_readme_results_rewrites_only_the_marked_block_from_the_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import readme_results
+
+    l2w = [
+        fake_run(tmp_path / "demo", 0, [80.0, 82.0, 84.0], [-0.4, 0.1, 0.5]),
+        fake_run(tmp_path / "demo_s1", 1, [81.0, 83.0, 85.0], [-0.2, 0.3, 0.6]),
+    ]
+    base = [
+        fake_run(tmp_path / "b0", 0, [79.0, 82.5, 84.0], None),
+        fake_run(tmp_path / "b1", 1, [80.0, 83.5, 86.0], None),
+    ]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{readme_results.BEGIN}\nold hand-typed 83.55\n{readme_results.END}\nrest\n")
+    args = ["--l2w", *map(str, l2w), "--baseline", *map(str, base), "--wall-s", "300", "280", "320"]
+    readme_results.main([*args, "--readme", str(readme), "--root", str(tmp_path)])
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{readme_results.BEGIN}\n") and text.endswith(f"{readme_results.END}\nrest\n")
+    assert "83.55" not in text
+    assert "| 1 | 3.0 | 80.50 ± 0.50 | 79.50 ± 0.50 | +1.00 |" in text  # means ± half-range over the seeds
+    assert "| 3 | 9.0 | 84.50 ± 0.50 | 85.00 ± 1.00 | -0.50 |" in text
+    assert "median 5.0 min of 3 L2W runs" in text
+    assert "| 1 | -0.30 ± 0.10 | 1.040 | 0.960 |" in text  # Spearman over the seeds, the first run's means
+    assert "as the paper claims: easy samples weigh more at exit 1, hard samples at exits 2–3" in text
+    assert (tmp_path / "docs" / "demo_curves.png").is_file() and (tmp_path / "docs" / "demo_weights.png").is_file()
+    saved = tmp_path / "docs" / "demo_results.json"
+    assert readme_results.render_saved(saved) == readme_results.readme_block(text)

@@ -94,6 +94,8 @@ class TrainingJob:
         self.l2w_cfg = cfg.meta.l2w(label_smoothing=cfg.optim.label_smoothing)
 
         # Data. ----------------------------------------------------------------------------
+        if env.rank == 0:  # the stages are data, training, calibration, evaluation: each says when it starts
+            print(f"data: {cfg.data.spec or f'{cfg.data.dataset} under {cfg.data.root}'}", flush=True)
         self.data_spec = resolve_data_spec(cfg, env)
         self.train_loader = build_train_loader(
             self.data_spec,
@@ -140,7 +142,7 @@ class TrainingJob:
             initial=self.step,
             disable=self.env.rank != 0,
             dynamic_ncols=True,
-            desc="train",
+            desc="training",
             unit="it",
         )
         tic, seen = time.perf_counter(), 0

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..config import Config
 from ..data import calibration_loader, eval_loader
@@ -72,8 +73,8 @@ def evaluate_run(
     forward = torch.compile(model) if cfg.train.compile else model
     result = evaluate_model(
         forward,
-        calibration_loader(cfg, env, data_spec),
-        eval_loader(cfg, env, data_spec, "test"),
+        _progress(calibration_loader(cfg, env, data_spec), "calibration", env.rank == 0),
+        _progress(eval_loader(cfg, env, data_spec, "test"), "evaluation", env.rank == 0),
         env.device,
         exit_flops,
         precision=cfg.train.precision,
@@ -88,3 +89,9 @@ def evaluate_run(
         if "weights" in result:
             plot_weights(result["weights"], output / "weights.png")
     return result
+
+
+def _progress(loader: Iterable, stage: str, show: bool) -> Iterable:
+    """``loader`` with a progress bar naming the stage, with its ETA (rank 0 only)."""
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return tqdm(loader, desc=stage, total=total, unit="batch", disable=not show, dynamic_ncols=True)
