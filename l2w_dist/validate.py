@@ -63,6 +63,7 @@ def evaluate_checkpoint(
     from .distributed import cleanup, init_distributed
     from .engine.checkpoint import load_checkpoint
     from .evaluate import evaluate_run, print_anytime_table
+    from .meta import WeightNet
 
     state = load_checkpoint(checkpoint, keys=("config", "model"))
     cfg = apply_overrides(state["config"], overrides)
@@ -71,7 +72,12 @@ def evaluate_checkpoint(
     env = init_distributed()
     try:
         model = build_evaluated_model(cfg, weights_state, env.device)
-        result = evaluate_run(model, cfg, env, resolve_data_spec(cfg, env), Path(output))
+        weight_net = None
+        if cfg.meta.enabled:  # what it learned goes into eval.json and weights.png
+            meta = cfg.meta
+            weight_net = WeightNet(model.num_exits, hidden=meta.hidden, layers=meta.layers, input=meta.input)
+            weight_net.load_state_dict(state["weight_net"])
+        result = evaluate_run(model, cfg, env, resolve_data_spec(cfg, env), Path(output), weight_net)
         if env.rank == 0:
             print_anytime_table(result)
         return result

@@ -86,8 +86,15 @@ def test_expand_array_sweeps_sets_and_grids():
             expand_array([bad])
 
 
-def test_sbatch_script_has_the_resources_and_the_requeue_signal(tmp_path):
+def test_sbatch_script_has_the_resources_and_the_requeue_signal(tmp_path, monkeypatch):
     """The ImageNet recipe's launch: 4 nodes x 8 GPUs, one task per GPU, USR2 before the limit, requeueable."""
+    # Only the sbatch text is built here, but submitit's Slurm executor refuses to exist
+    # without an srun on PATH: give it one, so the test runs where Slurm is not installed.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
     args = build_parser(IMAGENET).parse_args(
         [
             "--cluster",

@@ -152,8 +152,10 @@ def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
     )
     assert result["status"] == "finished"
     saved = json.loads((run_dir / "eval.json").read_text())
-    assert set(saved) == {"anytime", "budgeted", "calibration"}
+    assert set(saved) == {"anytime", "budgeted", "calibration", "weights"}  # L2W: what its weight net learned too
     assert saved["calibration"] == {"split": "holdout", "num_samples": 64}
+    assert [r["exit"] for r in saved["weights"]["exits"]] == [1, 2, 3]
+    assert (run_dir / "weights.png").is_file()
     assert [r["exit"] for r in saved["anytime"]] == [1, 2, 3]
     assert all(set(r) == {"exit", "flops", "top1", "top5"} for r in saved["anytime"])
     budget_keys = {"p", "flops", "top1", "thresholds"}
@@ -185,6 +187,9 @@ def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
         "eval/top5_exit3",
         "eval/budgeted_curve",
         "eval/budgeted_best_top1",
+        "weights/spearman_exit1",
+        "weights/hard_mean_exit3",
+        "weights/vs_difficulty",
     ):
         assert key.encode() in records, f"{key} missing from the W&B offline run"
     assert final_state(run_dir)["wandb_id"] == runs[0].name.rsplit("-", 1)[-1]
@@ -194,7 +199,9 @@ def test_eval_json_wandb_offline_and_l2w_eval(tmp_path, tiny_spec):
 
     again = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt", tmp_path / "re_eval")
     assert again["anytime"] == saved["anytime"]
-    assert json.loads((tmp_path / "re_eval" / "eval.json").read_text())["anytime"] == saved["anytime"]
+    re_saved = json.loads((tmp_path / "re_eval" / "eval.json").read_text())
+    assert re_saved["anytime"] == saved["anytime"] and re_saved["weights"] == saved["weights"]
+    assert (tmp_path / "re_eval" / "weights.png").is_file()
 
 
 @pytest.mark.parametrize("calibration", ["holdout", "train_augmented"])

@@ -73,15 +73,23 @@ class RunLogger:
             step=step,
         )
 
-    def log_eval(self, result: dict[str, Any], step: int) -> None:
-        """Anytime accuracies as scalars; the budgeted curve as a W&B table and line plot."""
+    def log_eval(self, result: dict[str, Any], step: int, weights_png: Path | None = None) -> None:
+        """Anytime accuracies as scalars; the budgeted curve as a W&B table and line plot; an
+        L2W run's weights against difficulty (eval.json ``weights``) as scalars and its figure."""
         if not self.enabled:
             return
         scalars = {}
         for row in result["anytime"]:
             scalars[f"eval/top1_exit{row['exit']}"] = row["top1"]
             scalars[f"eval/top5_exit{row['exit']}"] = row["top5"]
+        for row in result.get("weights", {}).get("exits", []):
+            for key in ("spearman", "easy_mean", "hard_mean"):
+                scalars[f"weights/{key}_exit{row['exit']}"] = row[key]
         self.log(scalars, step)
+        if self.wandb is not None and weights_png is not None and Path(weights_png).is_file():
+            import wandb
+
+            self.wandb.log({"weights/vs_difficulty": wandb.Image(str(weights_png))}, step=step)
         if self.wandb is not None and result.get("budgeted"):
             import wandb
 

@@ -31,7 +31,8 @@ from ..data import (
 from ..distributed import DistEnv, build_backend
 from ..distributed.utils import any_rank, any_rank_each
 from ..evaluate import anytime, collect_logits, evaluate_run
-from ..meta import WeightNet, l2w_iteration, max_confidence, normalize_weights, per_sample_ce, wpn_features
+from ..evaluate.weights import held_out_weights
+from ..meta import WeightNet, l2w_iteration
 from ..meta.update import DeviceHyperparameters
 from ..models import create_model
 from ..utils import autocast
@@ -109,6 +110,8 @@ class TrainingJob:
         self.l2w_cfg = cfg.meta.l2w(label_smoothing=cfg.optim.label_smoothing)
 
         # Data. ----------------------------------------------------------------------------
+        if env.rank == 0:  # the stages are data, training, calibration, evaluation: each says when it starts
+            print(f"data: {cfg.data.spec or f'{cfg.data.dataset} under {cfg.data.root}'}", flush=True)
         self.data_spec = resolve_data_spec(cfg, env)
         self.train_loader = build_train_loader(
             self.data_spec,
@@ -168,7 +171,7 @@ class TrainingJob:
             initial=self.step,
             disable=self.env.rank != 0,
             dynamic_ncols=True,
-            desc="train",
+            desc="training",
             unit="it",
         )
         tic, seen = time.perf_counter(), 0
@@ -333,9 +336,7 @@ class TrainingJob:
         with self._autocast():
             logits = module(x)
         module.train(was_training)
-        ce = per_sample_ce(logits, y)
-        features = wpn_features(ce, max_confidence(logits), self.cfg.meta.input)
-        return normalize_weights(self.weight_net(features.float()), self.cfg.meta.epsilon, self.cfg.meta.constraint)
+        return held_out_weights(self.weight_net, [z.float() for z in logits], y, self.l2w_cfg)
 
     # Evaluation ---------------------------------------------------------------------------
     def eval_module(self) -> torch.nn.Module:
@@ -358,9 +359,9 @@ class TrainingJob:
     def evaluate(self) -> dict[str, Any]:
         """The run's final evaluation (:func:`~l2w_dist.evaluate.evaluate_run`, as l2w-eval does
         it), written to the run folder and logged."""
-        result = evaluate_run(self.eval_module(), self.cfg, self.env, self.data_spec, self.run_dir)
+        result = evaluate_run(self.eval_module(), self.cfg, self.env, self.data_spec, self.run_dir, self.weight_net)
         if self.env.rank == 0:
-            self.logger.log_eval(result, self.step)
+            self.logger.log_eval(result, self.step, self.run_dir / "weights.png")
         return result
 
     # Checkpoints ---------------------------------------------------------------------------

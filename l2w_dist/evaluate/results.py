@@ -12,6 +12,7 @@ from ..utils import atomic_write_json
 ANYTIME_KEYS = ("exit", "flops", "top1", "top5")
 BUDGETED_KEYS = ("p", "flops", "top1")
 CALIBRATION_KEYS = ("split", "num_samples")
+OPTIONAL_SECTIONS = ("weights",)  # written when present: an L2W run's weights vs difficulty (weights.py)
 
 
 def _rows(rows: Iterable[dict], keys: tuple[str, ...], what: str) -> list[dict]:
@@ -35,10 +36,15 @@ def _calibration(calibration: dict, what: str) -> dict:
 
 
 def write_eval_json(
-    path: str | os.PathLike, anytime: Sequence[dict], budgeted: Sequence[dict], calibration: dict | None = None
+    path: str | os.PathLike,
+    anytime: Sequence[dict],
+    budgeted: Sequence[dict],
+    calibration: dict | None = None,
+    weights: dict | None = None,
 ) -> Path:
     """Write ``{"anytime": [{exit, flops, top1, top5}], "budgeted": [{p, flops, top1, thresholds}],
-    "calibration": {split, num_samples}}`` atomically.
+    "calibration": {split, num_samples}}`` atomically (plus ``"weights"``, the :mod:`.weights`
+    record of what an L2W run's weight net learned, when given).
 
     ``thresholds`` (kept where the rows carry them) and ``calibration`` (the split the
     thresholds were calibrated on and its size; given or left out) are what a predictor
@@ -54,6 +60,8 @@ def write_eval_json(
     }
     if calibration is not None:
         record["calibration"] = _calibration(calibration, "calibration")
+    if weights is not None:
+        record["weights"] = weights
     atomic_write_json(path, record)
     return path
 
@@ -67,13 +75,15 @@ def load_eval_json(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"no eval.json at {path}")
     with open(path) as f:
         record = json.load(f)
-    allowed = {"anytime", "budgeted", "calibration"}
+    allowed = {"anytime", "budgeted", "calibration", *OPTIONAL_SECTIONS}
     if not isinstance(record, dict) or not {"anytime", "budgeted"} <= set(record) <= allowed:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}: expected keys ['anytime', 'budgeted'] (and optionally 'calibration'); got {keys}")
+        optional = ["calibration", *OPTIONAL_SECTIONS]
+        raise ValueError(f"{path}: expected keys ['anytime', 'budgeted'] (optionally {optional}); got {keys}")
     out = {
         "anytime": _rows(record["anytime"], ANYTIME_KEYS, f"{path}: anytime"),
         "budgeted": _rows(record["budgeted"], BUDGETED_KEYS, f"{path}: budgeted"),
+        **{k: record[k] for k in OPTIONAL_SECTIONS if k in record},
     }
     if "calibration" in record:
         out["calibration"] = _calibration(record["calibration"], f"{path}: calibration")

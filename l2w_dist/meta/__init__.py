@@ -11,6 +11,7 @@ from .l2w import (
     l2w_iteration,
     max_confidence,
     per_sample_ce,
+    weight_net_input,
     weighted_loss,
 )
 from .update import (
@@ -38,6 +39,7 @@ __all__ = [
     "per_sample_ce",
     "max_confidence",
     "weighted_loss",
+    "weight_net_input",
     "virtual_step",
     "step_derivative",
     "ParamOptState",

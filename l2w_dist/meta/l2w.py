@@ -209,9 +209,7 @@ def _half_step(
 
     # 1. Shared train forward at θ, through the wrapper (DDP broadcasts buffers, hooks grads).
     logits, grad_wrt = _train_forward(ctx, x_tr, reuse, pre_update)
-    ce = per_sample_ce(logits, y_tr, cfg.label_smoothing)
-    confidences = max_confidence(logits) if cfg.input != "loss" else None  # only "conf" / "both" read them
-    features = wpn_features(ce, confidences, cfg.input)
+    ce, features = weight_net_input(logits, y_tr, cfg)
     num_exits = ce.shape[1]
 
     meta_forward = None
@@ -401,6 +399,14 @@ def per_sample_ce(logits: list[Tensor], targets: Tensor, label_smoothing: float 
         [F.cross_entropy(_upcast(z), targets, reduction="none", label_smoothing=label_smoothing) for z in logits],
         dim=1,
     )
+
+
+def weight_net_input(logits: list[Tensor], targets: Tensor, cfg: L2WConfig) -> tuple[Tensor, Tensor]:
+    """The ``[B, K]`` per-sample losses (``cfg.label_smoothing`` applied) and the weight net's
+    (detached) input for ``cfg.input``, as every L2W step computes them from a forward's logits."""
+    ce = per_sample_ce(logits, targets, cfg.label_smoothing)
+    confidences = max_confidence(logits) if cfg.input != "loss" else None  # only "conf" / "both" read them
+    return ce, wpn_features(ce, confidences, cfg.input)
 
 
 def max_confidence(logits: list[Tensor]) -> Tensor:
