@@ -144,12 +144,40 @@ def _seed31(*parts: int) -> int:
     return _seed_of(*parts) & 0x7FFFFFFF  # DALI seeds are non-negative int32
 
 
+def _parity(v):
+    return v - 2 * (v // 2)
+
+
+def _resize_centre_crop(encoded, decoder: str, shorter: int, crop: int):
+    """torchvision's Resize(shorter) + CenterCrop(crop) geometry exactly: the long side
+    truncated (``int(shorter * long / short)``; DALI's ``resize_shorter`` rounds) and the crop
+    offset rounded half to even (Python's ``round``), both from the encoded image's header."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    shape = fn.peek_image_shape(encoded, dtype=types.INT32)  # on the CPU, also for GPU decoding
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    nh, nw = (shorter * h) // short, (shorter * w) // short
+    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images = fn.resize(
+        images,
+        resize_x=fn.cast(nw, dtype=types.FLOAT),
+        resize_y=fn.cast(nh, dtype=types.FLOAT),
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
+    dy, dx = nh - crop, nw - crop
+    anchor = fn.stack(dy // 2 + _parity(dy) * _parity(dy // 2), dx // 2 + _parity(dx) * _parity(dx // 2))
+    crop_shape = np.array([crop, crop], dtype=np.int32)
+    return fn.slice(images, anchor, crop_shape, axis_names="HW", normalized_anchor=False, normalized_shape=False)
+
+
 def _augment(images, recipe: _Recipe, decoder: str):
     """The recipe's decode + augmentation + output ops (inside a pipeline's graph)."""
     from nvidia.dali import fn, types
 
     size = recipe.img_size
-    crop = None
     if recipe.kind == "imagenet":
         if recipe.train:
             images = fn.decoders.image_random_crop(
@@ -162,10 +190,7 @@ def _augment(images, recipe: _Recipe, decoder: str):
             )
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
         else:
-            images = fn.decoders.image(images, device=decoder, output_type=types.RGB)
-            shorter = math.floor(size / IMAGENET_CROP_PCT)
-            images = fn.resize(images, resize_shorter=shorter, interp_type=types.INTERP_LINEAR, antialias=True)
-            crop = (size, size)
+            images = _resize_centre_crop(images, decoder, math.floor(size / IMAGENET_CROP_PCT), size)
     else:
         images = fn.decoders.image(images, device=decoder, output_type=types.RGB)
         native = 28 if recipe.kind == "fashion-mnist" else 32
@@ -192,8 +217,6 @@ def _augment(images, recipe: _Recipe, decoder: str):
         kw = {"dtype": types.FLOAT, "mean": [255 * m for m in mean], "std": [255 * s for s in std]}
     if recipe.train:
         kw["mirror"] = fn.random.coin_flip(probability=0.5)
-    if crop is not None:
-        kw["crop"] = crop
     return fn.crop_mirror_normalize(images, output_layout="HWC" if recipe.channels_last else "CHW", **kw)
 
 
@@ -261,8 +284,8 @@ def _find_corrupt(reader: _Reader, batch_size: int, first: int, last: int) -> tu
     from nvidia.dali import fn
     from nvidia.dali.pipeline import Pipeline
 
-    def decoder_pipe():
-        pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, seed=0)
+    def decoder_pipe():  # synchronous: one fed sample, one run
+        pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, seed=0, exec_async=False, exec_pipelined=False)
         with pipe:
             pipe.set_outputs(fn.decoders.image(fn.external_source(name="bytes", dtype=types.UINT8), device="cpu"))
         pipe.build()

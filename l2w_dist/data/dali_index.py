@@ -31,6 +31,7 @@ from pathlib import Path
 from ..utils import atomic_write
 
 INDEX_VERSION = "v1.2"
+BLOCK = 512
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
 
 
@@ -72,6 +73,13 @@ def _complete(components: list[Component]) -> bool:
     return "cls" in exts and any(e in exts for e in IMAGE_EXTS)
 
 
+def _zero_block_at(tar: Path, offset: int) -> bool:
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        block = f.read(BLOCK)
+    return len(block) == BLOCK and not any(block)
+
+
 def scan_shard(tar: str | os.PathLike) -> ShardIndex:
     """Walk a tar's headers (no member data is read) and keep its complete samples."""
     tar = Path(tar)
@@ -97,6 +105,9 @@ def scan_shard(tar: str | os.PathLike) -> ShardIndex:
                     last_key = key
                 else:
                     groups[-1].append(comp)
+            end = archive.offset  # where the end-of-archive zero blocks should start
+        if not damaged and not _zero_block_at(tar, end):  # tarfile stops silently at a cut-off header
+            damaged = f"no end-of-archive marker at byte {end} (truncated shard)"
     except tarfile.TarError as exn:  # a bad header: keep the samples before it
         damaged = f"unreadable tar ({exn})"
     complete = [tuple(g) for g in groups if _complete(g)]
