@@ -200,6 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no new case after this many seconds")
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--dali", action="store_true", help="also the DALI mixed-decode input pipeline (bench/gpu_dali.py)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu for the smoke mode")
@@ -219,7 +220,20 @@ def main(argv=None) -> None:
         )
         (out_dir / "gpu_suite.md").write_text(markdown(device, results, rat))
     print(markdown(device, results, ratios(results)))
+    if args.dali:
+        dali_section(args, out_dir)
     print(f"total {time.perf_counter() - args.t0:.0f} s")
+
+
+def dali_section(args: argparse.Namespace, out_dir: Path) -> None:
+    """The input pipeline: DALI decoding on the GPU (``mixed``) with 4 CPU threads, the step 4
+    ImageNet recipe; its own JSON (``gpu_suite_dali.json``) and line."""
+    import gpu_dali  # noqa: E402  (bench/gpu_dali.py)
+
+    small = args.device == "cpu"  # smoke mode: CPU decoding, tiny
+    r = gpu_dali.measure(args.device, threads=4, images=128 if small else 2048, batch_size=32 if small else 256)
+    (out_dir / "gpu_suite_dali.json").write_text(json.dumps(r, indent=1))
+    print(f"dali {r['decode']} decode, 4 CPU threads: {r['img_s']:.0f} img/s, {r['img_per_cpu_s']:.0f} img per CPU-s")
 
 
 if __name__ == "__main__":

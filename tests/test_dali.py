@@ -373,3 +373,15 @@ def test_demo_trains_a_few_steps_with_the_dali_backend(tmp_path):
     extra = {"data.backend": "dali", "train.max_steps": 2, "eval.enabled": False, "meta.enabled": False}
     result = run_training(None, tmp_path / "run", overrides(spec, **extra))
     assert result["status"] == "finished" and result["step"] == 2
+
+
+@pytest.mark.integration
+def test_gpu_suite_dali_section_runs_in_cpu_smoke_mode(tmp_path):
+    """bench/gpu_dali.py (the suite's mixed-decode section) on CPU decoding: a GPU session runs this code."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_dali
+
+    r = gpu_dali.measure("cpu", threads=1, images=64, batch_size=16, passes=1, workdir=str(tmp_path))
+    assert r["decode"] == "cpu" and r["out_dtype"] == "torch.uint8" and r["img_s"] > 0 and r["img_per_cpu_s"] > 0
