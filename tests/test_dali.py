@@ -114,6 +114,9 @@ def test_train_ranks_disjoint_fixed_length_seeded_epochs_and_exact_resume(cifar_
     again.set_epoch(1)
     ref = list(again)
     assert _labels(ref) == epochs[1][0]  # a pure function of (seed, epoch, rank)
+    threads = _train(cifar_shards, rank=0, num_workers=2)
+    threads.set_epoch(1)
+    assert all(torch.equal(x, tx) for (x, _), (tx, _) in zip(ref, threads))  # whatever the thread count
     other_seed = _train(cifar_shards, rank=0, seed=4)
     other_seed.set_epoch(1)
     assert _labels(other_seed) != epochs[1][0]
