@@ -326,6 +326,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--profile", default="auto", choices=("auto", "on", "off"), help="profiler summary (auto: on CUDA only)"
     )
+    ap.add_argument("--dali", action="store_true", help="also the DALI mixed-decode input pipeline (bench/gpu_dali.py)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu for the smoke mode")
@@ -355,6 +356,8 @@ def main(argv=None) -> None:
             write()
     print(markdown(device, results, ratios(results), profile))
     dynamic_section(args, out_dir)
+    if args.dali:
+        dali_section(args, out_dir)
     print(f"total {time.perf_counter() - args.t0:.0f} s")
 
 
@@ -371,6 +374,17 @@ def dynamic_section(args: argparse.Namespace, out_dir: Path) -> None:
         + ["--batches", "1,64,256", "--repeats", "3", "--budget-s", "120"]
         + ["--json", str(out_dir / "dynamic.json"), "--md", str(out_dir / "dynamic.md")]
     )
+
+
+def dali_section(args: argparse.Namespace, out_dir: Path) -> None:
+    """The input pipeline: DALI decoding on the GPU (``mixed``) with 4 CPU threads, the step 4
+    ImageNet recipe; its own JSON (``gpu_suite_dali.json``) and line."""
+    import gpu_dali  # noqa: E402  (bench/gpu_dali.py)
+
+    small = args.device == "cpu"  # smoke mode: CPU decoding, tiny
+    r = gpu_dali.measure(args.device, threads=4, images=128 if small else 2048, batch_size=32 if small else 256)
+    (out_dir / "gpu_suite_dali.json").write_text(json.dumps(r, indent=1))
+    print(f"dali {r['decode']} decode, 4 CPU threads: {r['img_s']:.0f} img/s, {r['img_per_cpu_s']:.0f} img per CPU-s")
 
 
 if __name__ == "__main__":

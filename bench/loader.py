@@ -1,10 +1,17 @@
 #!/usr/bin/env python
-"""Loader throughput: the WebDataset training loader vs torchvision ImageFolder on the same
-JPEGs, same transforms (ImageNet train: RandomResizedCrop 224 + flip + normalize), same
-batch size, for each worker count; plus the single-core decode rate and the number of
-CPU cores an 8-GPU node needs to feed a given per-GPU training throughput.
+"""Loader throughput: the WebDataset training loader (data.backend=torch), NVIDIA DALI over
+the same shards (data.backend=dali) and torchvision ImageFolder on the same JPEGs, same
+recipe (ImageNet train: RandomResizedCrop 224 + flip + normalize), same batch size, for each
+worker / thread count; plus the single-core decode rate and the number of CPU cores an
+8-GPU node needs to feed a given per-GPU training throughput.
 
     PYTHONPATH=. python bench/loader.py --images 512 --workers 1 2 --gpu-img-s 2240
+    PYTHONPATH=. python bench/loader.py --backends torch dali --workers 1 2 --repeats 5
+
+With ``dali`` and ``torch`` both given the last line is ``dali/torch img per CPU-second:
+X.XX``, the median over back-to-back pairs of passes (all worker counts): images per
+CPU-second count the main process, its threads (DALI's) and the DataLoader workers, so the
+figure holds on a shared host where wall-clock rates do not.
 
 The JPEGs are generated (ImageNet-like: ~500×375, smooth content + noise, quality 90,
 ~70 kB). Throughput is measured in steady state: from the moment every worker delivered its
@@ -93,12 +100,25 @@ def timed(loader, warm_batches: int) -> tuple[float, float, float]:
     return n_after / (t2 - t1), (n_warm + n_after) / (t2 - t0), (n_warm + n_after) / cpu
 
 
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--size", default="500x375", help="WxH of the generated JPEGs")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers / DALI threads")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["imagefolder", "torch"],
+        choices=("imagefolder", "torch", "dali"),
+        help="loaders to compare (torch: the WebDataset loader, data.backend=torch; dali: data.backend=dali); "
+        "ratios are the last over the first",
+    )
     p.add_argument(
         "--shuffle-buffer",
         type=int,
@@ -123,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    torch_name = "wds"  # the torch WebDataset loader's name in the rows (and in older JSON)
+    backends = [torch_name if b == "torch" else b for b in dict.fromkeys(args.backends)]
 
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
@@ -145,59 +167,55 @@ def main(argv: list[str] | None = None) -> dict:
     dec_only, dec_tf = decode_rate(paths[:128], tf)
     nb = args.images // args.batch_size
 
+    def build(name: str, w: int):
+        common = {"batch_size": args.batch_size, "rank": 0, "world_size": 1, "num_workers": w, "seed": 0}
+        common.update(epoch_length=nb, shuffle_buffer=args.shuffle_buffer, normalize=fused)
+        if name == "imagefolder":
+            folder_ds = ImageFolder(str(work / "jpeg" / "train"), transform=tf)
+            return DataLoader(folder_ds, args.batch_size, shuffle=True, num_workers=w, drop_last=True)
+        if name == "dali":  # the same recipe as DALI ops; w CPU threads in this process
+            from l2w_dist.data.dali import build_dali_train_loader
+
+            return build_dali_train_loader(spec, dataset_kind="imagenet", img_size=224, **common)
+        return build_train_loader(spec, transform=tf_uint8, **common)
+
     rows = []
     for w in args.workers:
-        best = {"wds": (0.0, 0.0), "imagefolder": (0.0, 0.0)}
-        best_cpu = {"wds": 0.0, "imagefolder": 0.0}
-        pair_ratios = []  # wds / ImageFolder of back-to-back passes: drifts in load cancel
-        for _ in range(args.repeats):
-            folder_ds = ImageFolder(str(work / "jpeg" / "train"), transform=tf)
-            folder = DataLoader(folder_ds, args.batch_size, shuffle=True, num_workers=w, drop_last=True)
-            ours = build_train_loader(
-                spec,
-                batch_size=args.batch_size,
-                rank=0,
-                world_size=1,
-                num_workers=w,
-                transform=tf_uint8,
-                normalize=fused,
-                seed=0,
-                epoch_length=nb,
-                shuffle_buffer=args.shuffle_buffer,
-            )
-            steady_of = {}
-            for name, loader in (("imagefolder", folder), ("wds", ours)):
-                steady, total, per_cpu = timed(loader, warm_batches=max(1, w))
-                steady_of[name] = steady
-                best[name] = max(best[name], (steady, total))
-                best_cpu[name] = max(best_cpu[name], per_cpu)
-            pair_ratios.append(steady_of["wds"] / steady_of["imagefolder"])
-        ratio = best["wds"][0] / best["imagefolder"][0]
-        rows.append(
-            {
-                "workers": w,
-                "wds_img_s": best["wds"][0],
-                "imagefolder_img_s": best["imagefolder"][0],
-                "ratio": ratio,
-                "pair_ratios": pair_ratios,
-                "median_pair_ratio": sorted(pair_ratios)[len(pair_ratios) // 2],
-                "wds_total_img_s": best["wds"][1],
-                "imagefolder_total_img_s": best["imagefolder"][1],
-                "wds_img_per_cpu_s": best_cpu["wds"],
-                "imagefolder_img_per_cpu_s": best_cpu["imagefolder"],
-                "cpu_ratio": best_cpu["wds"] / best_cpu["imagefolder"],
-            }
-        )
+        steady_runs = {b: [] for b in backends}
+        total_runs = {b: [] for b in backends}
+        cpu_runs = {b: [] for b in backends}
+        for _ in range(args.repeats):  # back-to-back passes of every backend: drifts in load cancel in ratios
+            for name in backends:
+                steady, total, per_cpu = timed(build(name, w), warm_batches=max(1, w))
+                steady_runs[name].append(steady)
+                total_runs[name].append(total)
+                cpu_runs[name].append(per_cpu)
+        row = {"workers": w}
+        for name in backends:
+            row[f"{name}_img_s"] = max(steady_runs[name])
+            row[f"{name}_median_img_s"] = _median(steady_runs[name])
+            row[f"{name}_total_img_s"] = max(total_runs[name])
+            row[f"{name}_img_per_cpu_s"] = max(cpu_runs[name])
+            row[f"{name}_median_img_per_cpu_s"] = _median(cpu_runs[name])
+            row[f"{name}_runs_img_per_cpu_s"] = cpu_runs[name]
+        base, other = backends[0], backends[-1]
+        row["pair_ratios"] = [a / b for a, b in zip(steady_runs[other], steady_runs[base])]
+        row["cpu_pair_ratios"] = [a / b for a, b in zip(cpu_runs[other], cpu_runs[base])]
+        row["median_pair_ratio"] = _median(row["pair_ratios"])
+        row["median_cpu_pair_ratio"] = _median(row["cpu_pair_ratios"])
+        rows.append(row)
 
-    per_core = max(r["wds_img_per_cpu_s"] for r in rows)  # contention-free per-core rate
+    per_core = max(r[f"{torch_name}_img_per_cpu_s"] for r in rows) if torch_name in backends else 0.0
     need = args.gpu_img_s * args.gpus
     result = {
         "images": args.images,
+        "backends": backends,
         "shuffle_buffer": args.shuffle_buffer,
         "normalize_on": args.normalize_on,
         "size": args.size,
         "mean_jpeg_kb": mean_kb,
         "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
         "loadavg_1min": os.getloadavg()[0],
         "decode_only_img_s_1core": dec_only,
@@ -207,31 +225,38 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu_img_s": args.gpu_img_s,
         "gpus": args.gpus,
         "node_img_s": need,
-        "cores_needed": need / per_core,
+        "cores_needed": need / per_core if per_core else None,
     }
 
     print(
         f"{args.images} JPEGs {args.size}, mean {mean_kb:.0f} kB; batch {args.batch_size}; "
-        f"normalised on the {args.normalize_on}; "
-        f"{os.cpu_count()} cores, load {result['loadavg_1min']:.1f}"
+        f"normalised on the {args.normalize_on}; {args.repeats} back-to-back passes per backend; "
+        f"{os.cpu_count()} cores, load {result['loadavg_1min']:.1f} (at the end)"
     )
     print(f"1 core: decode only {dec_only:.0f} img/s; decode + RRC/flip/normalize {dec_tf:.0f} img/s")
-    print("workers | wds img/s | ImageFolder img/s | ratio | incl. start-up wds / IF | img per CPU-s wds / IF | ratio")
+    base, other = backends[0], backends[-1]
     for r in rows:
-        pairs = " ".join(f"{v:.2f}" for v in r["pair_ratios"])
-        print(f"  {r['workers']} worker(s): wds/IF of back-to-back passes {pairs}; median {r['median_pair_ratio']:.2f}")
+        pairs = " ".join(f"{v:.2f}" for v in r["cpu_pair_ratios"])
+        print(f"  {r['workers']} worker(s): {other}/{base} img per CPU-s of back-to-back passes {pairs}")
+    print("workers | " + " | ".join(f"{n} img/s best, median | {n} img per CPU-s median" for n in backends))
     for r in rows:
-        totals = f"{r['wds_total_img_s']:.0f} / {r['imagefolder_total_img_s']:.0f}"
+        cells = [
+            f"{r[f'{n}_img_s']:.0f}, {r[f'{n}_median_img_s']:.0f} | {r[f'{n}_median_img_per_cpu_s']:.0f}"
+            for n in backends
+        ]
+        print(f"{r['workers']:7d} | " + " | ".join(cells))
+    if per_core:
         print(
-            f"{r['workers']:7d} | {r['wds_img_s']:9.0f} | {r['imagefolder_img_s']:17.0f} | "
-            f"{r['ratio']:5.2f} | {totals:>23} | {r['wds_img_per_cpu_s']:6.0f} / "
-            f"{r['imagefolder_img_per_cpu_s']:<6.0f}        | {r['cpu_ratio']:.2f}"
+            f"per core (img per CPU-second, torch loader) {per_core:.0f} img/s -> "
+            f"{args.gpus} GPUs × {args.gpu_img_s:.0f} img/s "
+            f"= {need:.0f} img/s needs ≈ {result['cores_needed']:.0f} decode cores"
         )
-    print(
-        f"per core (img per CPU-second) {per_core:.0f} img/s -> "
-        f"{args.gpus} GPUs × {args.gpu_img_s:.0f} img/s "
-        f"= {need:.0f} img/s needs ≈ {result['cores_needed']:.0f} decode cores"
-    )
+    if "dali" in backends and torch_name in backends:
+        ratios = [
+            d / t for r in rows for d, t in zip(r["dali_runs_img_per_cpu_s"], r[f"{torch_name}_runs_img_per_cpu_s"])
+        ]
+        result["dali_over_torch_img_per_cpu_s"] = _median(ratios)
+        print(f"dali/torch img per CPU-second: {result['dali_over_torch_img_per_cpu_s']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections.abc
 import copy
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,18 @@ class ModelConfig(Settings):
     options: dict[str, Any] = setting(default_factory=dict, free=True)  # keyword overrides for create_model
 
 
+def _dali_installed() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:  # no "nvidia" namespace package at all
+        return False
+
+
+DALI_INSTALLED = Check(
+    lambda v: v != "dali" or _dali_installed(), 'torch, or dali once installed (pip install -e ".[dali]")'
+)
+
+
 @dataclass
 class DataConfig(Settings):
     dataset: Literal["fashion-mnist", "cifar", "imagenet"] = setting("fashion-mnist")
@@ -59,6 +72,8 @@ class DataConfig(Settings):
     # "device": loaders yield uint8 images and the model normalises them on its device (4x fewer
     # bytes per batch through shared memory, pinning and H2D; less loader CPU) — for GPU runs
     normalize_on: Literal["loader", "device"] = setting("loader")
+    # "dali": NVIDIA DALI decodes and augments (C++ threads, or the GPU on CUDA runs); docs/data.md
+    backend: Literal["torch", "dali"] = setting("torch", DALI_INSTALLED)
 
 
 @dataclass

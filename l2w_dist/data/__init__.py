@@ -10,6 +10,7 @@ from .from_config import (
     eval_loader,
     loader_normalization,
     resolve_data_spec,
+    train_loader,
 )
 from .loader import (
     BadDataError,
@@ -52,5 +53,6 @@ __all__ = [
     "loader_normalization",
     "prepare_fashion_mnist",
     "resolve_data_spec",
+    "train_loader",
     "write_shards",
 ]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import Config
 from .fashion_mnist import prepare_fashion_mnist
-from .loader import EvalLoader, build_eval_loader
+from .loader import build_eval_loader, build_train_loader
 from .transforms import attach_input_normalizer, build_transforms, dataset_info
 
 if TYPE_CHECKING:
@@ -39,17 +39,64 @@ def resolve_data_spec(cfg: Config, env: DistEnv) -> str:
     return str(prepare_fashion_mnist(cfg.data.root, holdout=cfg.data.holdout, seed=cfg.train.seed))
 
 
-def eval_loader(cfg: Config, env: DistEnv, spec: str, split: str, train_transform: bool = False) -> EvalLoader:
-    """Exact-mode loader over one split (every sample once across ranks), eval transforms by default."""
+def train_loader(cfg: Config, env: DistEnv, spec: str, batch_size: int, device: torch.device) -> Iterable:
+    """The training loader ``data.backend`` names (``batch_size`` per rank): the torch
+    DataLoader path, or DALI decoding on CPU threads / on the GPU for a CUDA ``device``."""
+    common = {
+        "batch_size": batch_size,
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "num_workers": cfg.data.num_workers,
+        "normalize": loader_normalization(cfg),
+        "seed": cfg.train.seed,
+        "channels_last": cfg.train.channels_last,
+        "max_bad_fraction": cfg.data.max_bad_fraction,
+        "include_holdout": cfg.data.calibration == "train_augmented",  # the released code trains on all
+    }
+    if cfg.data.backend == "dali":
+        from .dali import build_dali_train_loader
+
+        return build_dali_train_loader(
+            spec, dataset_kind=cfg.data.dataset, img_size=cfg.data.img_size, device=device, **common
+        )
+    return build_train_loader(
+        spec,
+        transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size, normalize=False),
+        pin_memory=device.type == "cuda",
+        **common,
+    )
+
+
+def eval_loader(
+    cfg: Config, env: DistEnv, spec: str, split: str, train_transform: bool = False, device: torch.device | None = None
+) -> Iterable:
+    """Exact-mode loader over one split (every sample once across ranks), eval transforms by
+    default; ``data.backend`` picks the implementation (DALI decodes on a CUDA ``device``)."""
+    common = {
+        "batch_size": cfg.data.eval_batch_size,
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "num_workers": cfg.data.num_workers,
+        "normalize": loader_normalization(cfg),
+    }
+    if cfg.data.backend == "dali":
+        from .dali import build_dali_eval_loader
+
+        return build_dali_eval_loader(
+            spec,
+            split,
+            dataset_kind=cfg.data.dataset,
+            img_size=cfg.data.img_size,
+            train_transform=train_transform,
+            seed=cfg.train.seed + env.rank,
+            device=device,
+            **common,
+        )
     return build_eval_loader(
         spec,
         split,
-        batch_size=cfg.data.eval_batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        num_workers=cfg.data.num_workers,
-        normalize=loader_normalization(cfg),
         transform=build_transforms(cfg.data.dataset, train_transform, cfg.data.img_size, normalize=False),
+        **common,
     )
 
 

@@ -6,6 +6,7 @@ Layout for ``--output OUT/fmnist``::
     OUT/fmnist-holdout-000000.tar ...  held-out split (clean calibration data)
     OUT/fmnist-test-000000.tar ...     test split (``val`` for ImageNet's layout)
     OUT/fmnist.json                    the sidecar: the loader's ``spec``
+    OUT/fmnist-train-000000.idx ...    each shard's index for DALI's reader (``--no-dali-index``: none)
 
 Each sample is ``<key>.<png|jpg>`` + ``<key>.cls`` (the label as decimal text), the plain
 WebDataset convention, so ``wds.WebDataset(url).decode("pil").to_tuple("png;jpg", "cls")``
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import atomic_write, atomic_write_json
+from .dali_index import write_index
 from .sources import SOURCES, RawSample, read_source
 
 SIDECAR_FORMAT = "l2w_dist.shards/1"
@@ -70,15 +72,17 @@ def _encode_image(sample: RawSample) -> tuple[str, bytes]:
     return "png", buf.getvalue()
 
 
-def _write_shard(path: str, samples: list[RawSample]) -> int:
+def _write_shard(path: str, samples: list[RawSample], dali_index: bool = True) -> int:
     """Write one tar atomically (a shard that exists is complete; two ranks preparing the same
-    data each write their own temporary file)."""
+    data each write their own temporary file), then its DALI index beside it."""
     import webdataset as wds
 
     with atomic_write(path, "wb") as stream, wds.TarWriter(stream, mtime=0, user="l2w", group="l2w") as sink:
         for s in samples:
             ext, data = _encode_image(s)
             sink.write({"__key__": s.key, ext: data, "cls": str(s.label).encode()})
+    if dali_index:
+        write_index(path)
     return len(samples)
 
 
@@ -92,11 +96,13 @@ def write_shards(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    dali_index: bool = True,
 ) -> Path:
     """Convert ``input_path`` (read as ``source``) into shards; returns the sidecar path.
 
     ``holdout=None`` takes the source's default (50,000 ImageNet, 5,000 otherwise);
-    ``holdout=0`` writes no held-out split.
+    ``holdout=0`` writes no held-out split. ``dali_index``: also write each shard's index
+    for DALI's reader (``x.tar`` -> ``x.idx``, see :mod:`.dali_index`).
     """
     from tqdm import tqdm
 
@@ -126,10 +132,10 @@ def write_shards(
     bar = tqdm(total=total, unit="img", desc=f"shards {prefix.name}", disable=not progress)
     if workers <= 1:
         for path, chunk in tasks:
-            bar.update(_write_shard(path, chunk))
+            bar.update(_write_shard(path, chunk, dali_index))
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for n in pool.map(_write_shard, *zip(*tasks)):
+            for n in pool.map(_write_shard, *zip(*tasks), [dali_index] * len(tasks)):
                 bar.update(n)
     bar.close()
 
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--no-dali-index", action="store_true", help="no DALI index files (x.idx; built on first use)")
     args = p.parse_args(argv)
     path = write_shards(
         args.source,
@@ -177,6 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
         holdout=args.holdout,
         seed=args.seed,
         workers=args.workers,
+        dali_index=not args.no_dali_index,
     )
     side = json.loads(path.read_text())
     counts = ", ".join(f"{k}={v['count']} ({len(v['shards'])} shards)" for k, v in side["splits"].items())

@@ -20,14 +20,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from ..config import Config
-from ..data import (
-    attach_device_normalization,
-    build_train_loader,
-    build_transforms,
-    eval_loader,
-    loader_normalization,
-    resolve_data_spec,
-)
+from ..data import attach_device_normalization, eval_loader, resolve_data_spec, train_loader
 from ..distributed import DistEnv, build_backend
 from ..distributed.utils import any_rank, any_rank_each
 from ..evaluate import anytime, collect_logits, evaluate_run
@@ -113,20 +106,7 @@ class TrainingJob:
         if env.rank == 0:  # the stages are data, training, calibration, evaluation: each says when it starts
             print(f"data: {cfg.data.spec or f'{cfg.data.dataset} under {cfg.data.root}'}", flush=True)
         self.data_spec = resolve_data_spec(cfg, env)
-        self.train_loader = build_train_loader(
-            self.data_spec,
-            batch_size=self.per_rank_batch,
-            rank=env.rank,
-            world_size=env.world_size,
-            num_workers=cfg.data.num_workers,
-            transform=build_transforms(cfg.data.dataset, True, cfg.data.img_size, normalize=False),
-            normalize=loader_normalization(cfg),
-            seed=tc.seed,
-            channels_last=tc.channels_last,
-            pin_memory=self.device.type == "cuda",
-            max_bad_fraction=cfg.data.max_bad_fraction,
-            include_holdout=cfg.data.calibration == "train_augmented",
-        )  # the released code trains on all
+        self.train_loader = train_loader(cfg, env, self.data_spec, self.per_rank_batch, self.device)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = max(1, math.ceil(tc.epochs * self.steps_per_epoch))  # the schedule's length
         self.stop_step = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
