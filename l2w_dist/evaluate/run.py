@@ -103,5 +103,8 @@ def evaluate_run(
 
 def _progress(loader: Iterable, stage: str, show: bool) -> Iterable:
     """``loader`` with a progress bar naming the stage, with its ETA (rank 0 only)."""
-    total = len(loader) if hasattr(loader, "__len__") else None
+    try:
+        total = len(loader)
+    except TypeError:  # a streaming loader (or a wrapper of one) has no length: no ETA then
+        total = None
     return tqdm(loader, desc=stage, total=total, unit="batch", disable=not show, dynamic_ncols=True)
