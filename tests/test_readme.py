@@ -2,6 +2,7 @@
 must pick the right way to install system packages as root, as a user with sudo, and
 without either (a fake PATH plays each machine; the script's dry run prints its commands)."""
 
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -151,3 +153,20 @@ def test_readme_results_rewrites_only_the_marked_block_from_the_runs(tmp_path):
     assert (tmp_path / "docs" / "demo_curves.png").is_file() and (tmp_path / "docs" / "demo_weights.png").is_file()
     saved = tmp_path / "docs" / "demo_results.json"
     assert readme_results.render_saved(saved) == readme_results.readme_block(text)
+
+
+def test_the_readme_demo_block_is_what_the_saved_demo_runs_render():
+    """The README's demo numbers come from docs/demo_results.json through the generator, not a keyboard."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import readme_results
+
+    readme = (ROOT / "README.md").read_text()
+    saved = json.loads(readme_results.RESULTS.read_text())
+    assert readme_results.readme_block(readme) == readme_results.render_saved()
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    for run in saved["l2w"] + saved["baseline"]:  # the runs are of the demo as configured now
+        for section in ("model", "data", "optim", "train"):
+            for key, value in demo[section].items():
+                assert run["config"][section][key] == value, (run["run"], section, key)
+    assert all(run["config"]["meta"]["enabled"] for run in saved["l2w"])
+    assert not any(run["config"]["meta"]["enabled"] for run in saved["baseline"])

@@ -102,7 +102,7 @@ def plot_weights(record: dict, out_path: str | os.PathLike, title: str | None = 
     count = len(record["exits"][0]["quintile_means"]) if record["exits"] else QUANTILES
     ax.set_xticks(range(1, count + 1))
     ax.set_xticklabels(["easiest"] + [str(i) for i in range(2, count)] + ["hardest"])
-    ax.set_xlabel(f"difficulty quintile ({record['difficulty']})")
+    ax.set_xlabel(f"difficulty quintile: {record['difficulty']}")
     ax.set_ylabel("mean sample weight")
     ax.set_title(title or f"What the weight net learned ({record['samples']} {record['split']} samples)")
     ax.grid(True, alpha=0.3)
