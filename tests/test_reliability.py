@@ -82,7 +82,14 @@ def logged_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+    steps = []
+    for line in path.read_text().splitlines():
+        try:  # the trainer may be writing the last line right now
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
     return max(steps, default=0)
 
 
@@ -439,6 +446,26 @@ def test_resume_refuses_a_config_that_changes_the_training(spec, tmp_path, monke
     assert run_training(DEMO, run_dir, [*common(spec), *allowed])["step"] == 3
 
 
+def worker_pids(agent_pid: int, ranks: int, timeout: float = 60.0) -> dict[int, int]:
+    """torchrun's worker processes by RANK, read from their environment. The agent may have other
+    children (multiprocessing's resource tracker, a worker just exiting): those are skipped."""
+    deadline, found = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        children = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()
+        for pid in children:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[int(rank)] = int(pid)
+        if len(found) == ranks:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"torchrun agent {agent_pid}: found workers {found}, expected {ranks} ranks")
+
+
 @pytest.mark.slow
 def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(spec, tmp_path):
     """Under torchrun (2 gloo ranks) a SIGTERM that reaches only rank 1 stops both after the
@@ -454,13 +481,7 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_at_the_same_step(spec, tm
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_step(run_dir, 3, agent, timeout=600)
-        workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-        ranks = {}
-        for pid in workers:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            rank = next(e for e in environ if e.startswith(b"RANK=")).split(b"=")[1]
-            ranks[int(rank)] = int(pid)
-        os.kill(ranks[1], signal.SIGTERM)
+        os.kill(worker_pids(agent.pid, 2)[1], signal.SIGTERM)
         out, _ = agent.communicate(timeout=300)
     finally:
         if agent.poll() is None:
