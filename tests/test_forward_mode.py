@@ -96,3 +96,22 @@ def test_fused_batch_norm_jvp_cuda(dtype, fmt):
     tol = dict(rtol=3e-2, atol=6e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(p1.float(), p0.float(), **tol)
     torch.testing.assert_close(t1.float(), t0.float(), **tol)
+
+
+def test_the_first_jvp_prints_no_torch_jit_deprecation_warning():
+    """torch's forward-AD decompositions (imported at the first jvp) use the deprecated
+    torch.jit.script; l2w_dist imports them quietly, so an L2W run does not print that warning."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "import l2w_dist.meta\n"
+        "from torch.func import jvp\n"
+        "warnings.simplefilter('error')\n"
+        "x, t = torch.randn(4, 3), torch.randn(4, 3)\n"
+        "y = torch.tensor([0, 1, 2, 0])\n"
+        "jvp(lambda a: torch.nn.functional.cross_entropy(a, y), (x,), (t,))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -20,11 +20,23 @@ rounding. Eval-mode BatchNorm and every other op keep PyTorch's own rules.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
+
+# torch's forward-AD decompositions compile themselves with the deprecated torch.jit.script when
+# first imported (at the first jvp), which printed a FutureWarning in every L2W run; import them
+# here with that one warning silenced (torch's own code, nothing the user can act on).
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # a torch without the module: nothing to silence
+        pass
 
 
 class FusedBatchNormJVP(TorchFunctionMode):
