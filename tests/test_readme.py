@@ -32,6 +32,10 @@ def test_readme_has_two_commands_without_sudo_and_ci_runs_the_second():
     assert not any(re.search(r"\bsudo\b", c) for c in commands), "a bare sudo fails as root without sudo"
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert commands[1] in ci_lines, ".ci/run must run the README's test command verbatim"
+    # ... in the README's environment: none of the variables the quick start reads are set by CI
+    ci_text = (ROOT / ".ci" / "run").read_text()
+    for variable in re.findall(r"\$\{?(L2W_[A-Z_]+)", SCRIPT.read_text()):
+        assert variable not in ci_text, f".ci/run sets {variable}, which the README's command does not"
     assert os.access(SCRIPT, os.X_OK) or SCRIPT.read_text().startswith("#!/usr/bin/env bash")
 
 
