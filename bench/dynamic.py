@@ -52,11 +52,6 @@ MODELS = {
 LATENCY_IMAGES = {"demo": 32, "msdnet_imagenet": 6, "deit_s": 6}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def calibrated_thresholds(model, x: torch.Tensor, p: float, device: torch.device, args) -> torch.Tensor:
     """Thresholds [K] putting the share q_k ∝ p^k of ``x`` at exit k (the evaluation's rule)."""
     logits = []
@@ -104,16 +99,9 @@ def run_case(name: str, model, threads: int, batch: int, points: list[float], ar
             t_dyn, t_full, split, spent = 0.0, 0.0, {}, 0.0
             exit_counts, ran = [0] * model.num_exits, [0] * model.num_exits
             for c in chunks:
-                sync(device)
-                t0 = time.perf_counter()
-                out = predictor.predict(c)
-                sync(device)
-                t1 = time.perf_counter()
-                predictor.full(c)
-                sync(device)
-                t = t1 - t0
+                out, t, t_full_c = predictor.timed(c)
                 t_dyn += t
-                t_full += time.perf_counter() - t1
+                t_full += t_full_c
                 spent += predictor.counted_flops(out.stage_samples)
                 for k, m in enumerate(out.stage_samples):
                     ran[k] += m

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,6 @@ from typing import Any
 import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def image_batches(folder: Path, cfg: Any, batch_size: int) -> tuple[list[str], Iterator]:
@@ -64,7 +58,6 @@ def run_predictor(
 
     from ..evaluate.collect import _split_batch
 
-    device = predictor.device
     classes, exits, confs, labels = [], [], [], []
     seconds = seconds_full = flops = 0.0
     warm = False
@@ -73,16 +66,9 @@ def run_predictor(
         if not warm:  # one untimed pass each: allocator and kernel choice out of the timings
             predictor.predict(x), predictor.full(x)
             warm = True
-        _sync(device)
-        t0 = time.perf_counter()
-        out = predictor.predict(x)
-        _sync(device)
-        t1 = time.perf_counter()
-        predictor.full(x)
-        _sync(device)
-        t2 = time.perf_counter()
-        seconds += t1 - t0
-        seconds_full += t2 - t1
+        out, dynamic, full = predictor.timed(x)
+        seconds += dynamic
+        seconds_full += full
         flops += predictor.counted_flops(out.stage_samples)
         classes.append(out.classes)
         exits.append(out.exits)

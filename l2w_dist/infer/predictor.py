@@ -263,6 +263,22 @@ class DynamicPredictor:
         with autocast(self.device, self.precision):
             return self.model(self._prepare(x))
 
+    def timed(self, x: Tensor) -> tuple[Predictions, float, float]:
+        """:meth:`predict` and then :meth:`full` on the same batch, each timed to its end on the
+        device: ``(predictions, seconds, seconds_full)`` (what l2w-infer and bench/dynamic.py report)."""
+        self._sync()
+        t0 = time.perf_counter()
+        out = self.predict(x)
+        self._sync()
+        t1 = time.perf_counter()
+        self.full(x)
+        self._sync()
+        return out, t1 - t0, time.perf_counter() - t1
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def counted_flops(self, stage_samples: Sequence[int]) -> float:
         """Multiply-adds actually spent on a batch: each stage's own cost times the samples that ran it."""
         total, before = 0.0, 0.0
