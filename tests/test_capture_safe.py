@@ -133,14 +133,6 @@ def test_trainer_step_never_reads_the_device(tmp_path):
 # ------------------------------------------------------------------ device-tensor optimizer form
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 @pytest.mark.parametrize("opt_kind", ["momentum", "nesterov", "adamw"])
 def test_device_form_virtual_step_is_the_real_step(f64, opt_kind):
     """With lr and step counts as device tensors (fused real step), the virtual step read from

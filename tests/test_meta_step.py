@@ -33,14 +33,6 @@ OPTIMIZERS = ["sgd", "momentum", "nesterov", "adamw"]
 IMAGENET = {"epsilon": 0.3, "constraint": "mat"}
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _setup(model_kind: str, opt_kind: str, batch: int = 16, seed: int = 0):
     torch.manual_seed(seed)
     if model_kind == "bn":
