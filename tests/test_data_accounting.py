@@ -49,8 +49,8 @@ def _spec(tmp_path: Path, counts: bool = True) -> dict:
     return {"base_dir": str(tmp_path), "splits": {"test": dict(split), "train": dict(split)}}
 
 
-def _eval(spec: dict, max_bad_fraction: float = 0.5, workers: int = 0):
-    loader = build_eval_loader(
+def _eval_loader(spec: dict, max_bad_fraction: float = 0.5, workers: int = 0):
+    return build_eval_loader(
         spec,
         "test",
         batch_size=16,
@@ -61,6 +61,11 @@ def _eval(spec: dict, max_bad_fraction: float = 0.5, workers: int = 0):
         max_bad_fraction=max_bad_fraction,
         bad_warmup=10,
     )
+
+
+def _eval(spec: dict, max_bad_fraction: float = 0.5, workers: int = 0):
+    """One pass over the test split: the labels read (the sample ids) and ``bad_data()``."""
+    loader = _eval_loader(spec, max_bad_fraction, workers)
     ids = [int(v) for _x, y in loader for v in y]
     return ids, loader.bad_data()
 
@@ -128,17 +133,7 @@ def test_corrupt_images_count_one_each(tmp_path):
 
 def test_unreadable_shard_loses_its_whole_count(tmp_path):
     spec = _spec(tmp_path)
-    loader = build_eval_loader(
-        spec,
-        "test",
-        batch_size=16,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        transform=None,
-        bad_warmup=10,
-        max_bad_fraction=0.6,
-    )
+    loader = _eval_loader(spec, max_bad_fraction=0.6)
     (tmp_path / "d-000001.tar").unlink()  # disappears after the loader was built
     ids = [int(v) for _x, y in loader for v in y]
     assert sorted(ids) == list(range(N)) and loader.bad_data() == (N, 2 * N)
