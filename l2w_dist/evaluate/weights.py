@@ -48,9 +48,10 @@ def spearman(a: Tensor, b: Tensor) -> float:
     (a saturated tanh gives many equal weights)."""
 
     def ranks(v: Tensor) -> Tensor:
-        ordered = torch.sort(v.double()).values
-        below = torch.searchsorted(ordered, v.double(), right=False)
-        through = torch.searchsorted(ordered, v.double(), right=True)
+        v = v.double().contiguous()  # one copy (a column of the weights is strided)
+        ordered = torch.sort(v).values
+        below = torch.searchsorted(ordered, v, right=False)
+        through = torch.searchsorted(ordered, v, right=True)
         return (below + through - 1).double() / 2
 
     ra, rb = ranks(a), ranks(b)
